@@ -1,0 +1,342 @@
+"""Typed, frozen, validated configuration of one training run.
+
+A `Config` is built from nested dataclasses; every value is checked on construction and an
+error names the dotted key, the value received and what was expected. Ray Tune and MLflow see
+the same configuration as a flat dict with dotted keys (`to_flat` / `from_flat`); unknown keys
+are an error, never ignored.
+
+Units: every length carries its unit in its name (`_vox` for voxels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from regcore.variants import VARIANTS, get_variant
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "LossConfig",
+    "TrainConfig",
+    "Config",
+    "REGULARIZERS",
+    "STUDY_REG_WEIGHTS",
+]
+
+#: The five regularizers of the study, in a fixed order, with the study's weights.
+REGULARIZERS: tuple[str, ...] = ("smooth", "magnitude", "rigidity", "jacobian", "bending")
+STUDY_REG_WEIGHTS: dict[str, float] = {
+    "smooth": 0.01,
+    "magnitude": 0.01,
+    "rigidity": 0.005,
+    "jacobian": 0.1,
+    "bending": 0.005,
+}
+
+MODALITIES = ("seg4_onehot", "intensity")
+PAIRINGS = ("atlas", "subject")
+SPACES = ("aligned", "scanner")
+BACKBONES = ("vxm", "seed")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "amp")
+
+
+def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
+    raise ValueError(f"{key} == {value!r}, must be {expected}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(key, value, f"one of {', '.join(choices)}")
+
+
+def _check_number(key: str, value: Any, *, lo: float | None = None, lo_open: bool = False,
+                  hi: float | None = None, integer: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, "an integer" if integer else "a number")
+    if integer and not isinstance(value, int):
+        _fail(key, value, "an integer")
+    if not math.isfinite(value):
+        _fail(key, value, "finite")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        _fail(key, value, f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        _fail(key, value, f"<= {hi}")
+
+
+def _check_channels(key: str, value: Any, min_len: int) -> None:
+    if not isinstance(value, tuple) or len(value) < min_len or not all(
+        isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value
+    ):
+        _fail(key, value, f"a list of at least {min_len} positive integers")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are prepared.
+
+    `data_dir=None` selects the embedded cohort (built from nilearn's MNI152 template on first use
+    under `embedded_dir`). Volumes are resampled to `shape` (nearest for labels, linear for
+    intensities); the voxel spacing is tracked so mm metrics stay correct.
+    """
+
+    data_dir: str | None = None
+    embedded_dir: str = ".regablate/embedded"
+    embedded_subjects: int = 24
+    modality: str = "seg4_onehot"  # the study's input: one-hot seg4 label maps, 5 channels each
+    space: str = "aligned"  # Neurite's aligned_* files, or the scanner-space files the study used
+    shape: tuple[int, int, int] = (64, 64, 64)
+    pairing: str = "atlas"  # atlas-to-subject (the study) or subject-to-subject
+    atlas: str = "OAS1_0016"
+    n_test: int = 20
+    n_val: int = 2
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.data_dir is not None and (not isinstance(self.data_dir, str) or not self.data_dir):
+            _fail("data.data_dir", self.data_dir, "a directory path or None")
+        _check_number("data.embedded_subjects", self.embedded_subjects, lo=4, integer=True)
+        _check_choice("data.modality", self.modality, MODALITIES)
+        _check_choice("data.space", self.space, SPACES)
+        shape = tuple(self.shape) if isinstance(self.shape, (list, tuple)) else self.shape
+        if not (isinstance(shape, tuple) and len(shape) == 3
+                and all(isinstance(s, int) and not isinstance(s, bool) and 16 <= s <= 512 for s in shape)):
+            _fail("data.shape", self.shape, "three integers between 16 and 512")
+        object.__setattr__(self, "shape", shape)
+        _check_choice("data.pairing", self.pairing, PAIRINGS)
+        if not isinstance(self.atlas, str) or not self.atlas:
+            _fail("data.atlas", self.atlas, "a subject id such as 'OAS1_0016'")
+        _check_number("data.n_test", self.n_test, lo=1, integer=True)
+        _check_number("data.n_val", self.n_val, lo=0, integer=True)
+        _check_number("data.split_seed", self.split_seed, lo=0, integer=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network. `backbone` picks the U-Net; channel widths are configurable.
+
+    `enc_channels`/`dec_channels`: empty means the backbone's defaults (vxm: 16-32-32-32 /
+    32-32-32-32-32-16-16; seed: 32-64-128-256 with a 512 bottleneck, decoder mirrored).
+    """
+
+    backbone: str = "vxm"
+    enc_channels: tuple[int, ...] = ()
+    dec_channels: tuple[int, ...] = ()
+    diffeomorphic: bool = False
+    int_steps: int = 7
+
+    def __post_init__(self) -> None:
+        _check_choice("model.backbone", self.backbone, BACKBONES)
+        for key in ("enc_channels", "dec_channels"):
+            value = getattr(self, key)
+            value = tuple(value) if isinstance(value, list) else value
+            object.__setattr__(self, key, value)
+            if value != ():
+                _check_channels(f"model.{key}", value, 1)
+        if not isinstance(self.diffeomorphic, bool):
+            _fail("model.diffeomorphic", self.diffeomorphic, "true or false")
+        _check_number("model.int_steps", self.int_steps, lo=1, hi=20, integer=True)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Similarity terms and the five regularizers.
+
+    Similarity for one-hot labels: `dice_weight` x soft Dice + `ce_weight` x cross-entropy (the
+    study: 0.7 / 0.3). For intensities: `mse_weight` x MSE + `ncc_weight` x local NCC.
+    Regularizer weights act only when the variant regularizes; their sum is scaled by the
+    study's adaptive factor max(0.01, 0.1 (1 - epoch/epochs)) when `adaptive` is true.
+    """
+
+    dice_weight: float = 0.7
+    ce_weight: float = 0.3
+    dice_exclude_background: bool = True
+    mse_weight: float = 0.0
+    ncc_weight: float = 1.0
+    ncc_window: int = 9
+    smooth_weight: float = STUDY_REG_WEIGHTS["smooth"]
+    magnitude_weight: float = STUDY_REG_WEIGHTS["magnitude"]
+    rigidity_weight: float = STUDY_REG_WEIGHTS["rigidity"]
+    jacobian_weight: float = STUDY_REG_WEIGHTS["jacobian"]
+    bending_weight: float = STUDY_REG_WEIGHTS["bending"]
+    max_displacement_vox: float = 10.0
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("dice_weight", "ce_weight", "mse_weight", "ncc_weight",
+                    *(f"{r}_weight" for r in REGULARIZERS)):
+            _check_number(f"loss.{key}", getattr(self, key), lo=0)
+        _check_number("loss.ncc_window", self.ncc_window, lo=3, integer=True)
+        if self.ncc_window % 2 == 0:
+            _fail("loss.ncc_window", self.ncc_window, "odd")
+        _check_number("loss.max_displacement_vox", self.max_displacement_vox, lo=0)
+        for key in ("dice_exclude_background", "adaptive"):
+            if not isinstance(getattr(self, key), bool):
+                _fail(f"loss.{key}", getattr(self, key), "true or false")
+
+    def reg_weights(self) -> dict[str, float]:
+        """The five regularizer weights by name, in `REGULARIZERS` order."""
+        return {r: getattr(self, f"{r}_weight") for r in REGULARIZERS}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, checkpoints and the test hooks.
+
+    `lr=None` takes the variant's learning rate from the study. `fail_at_epoch` and
+    `nan_at_epoch` exist for tests only: they inject a crash or a NaN loss (0 = off).
+    """
+
+    epochs: int = 50
+    steps_per_epoch: int = 0  # 0 = one pass over the training pairs
+    batch_size: int = 1
+    lr: float | None = None
+    grad_clip: float = 1.0
+    checkpoint_every: int = 5
+    val_pairs: int = 0  # 0 = all validation pairs
+    device: str = "auto"
+    precision: str = "fp32"
+    num_threads: int = 0  # 0 = all cores available to the process
+    eval_repeats: int = 3  # inference-time repeats per pair (median reported)
+    fail_at_epoch: int = 0
+    nan_at_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        _check_number("train.epochs", self.epochs, lo=1, integer=True)
+        _check_number("train.steps_per_epoch", self.steps_per_epoch, lo=0, integer=True)
+        _check_number("train.batch_size", self.batch_size, lo=1, integer=True)
+        if self.lr is not None:
+            _check_number("train.lr", self.lr, lo=0, lo_open=True, hi=1.0)
+        _check_number("train.grad_clip", self.grad_clip, lo=0)
+        _check_number("train.checkpoint_every", self.checkpoint_every, lo=1, integer=True)
+        _check_number("train.val_pairs", self.val_pairs, lo=0, integer=True)
+        _check_choice("train.device", self.device, DEVICES)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_number("train.num_threads", self.num_threads, lo=0, integer=True)
+        _check_number("train.eval_repeats", self.eval_repeats, lo=1, integer=True)
+        _check_number("train.fail_at_epoch", self.fail_at_epoch, lo=0, integer=True)
+        _check_number("train.nan_at_epoch", self.nan_at_epoch, lo=0, integer=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training run: a variant of the study, a seed, and the four sections."""
+
+    variant: str = "combined_enhanced"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        get_variant(self.variant)  # raises with the list of valid names
+        _check_number("seed", self.seed, lo=0, integer=True)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def affine(self) -> bool:
+        return VARIANTS[self.variant].affine
+
+    @property
+    def regularize(self) -> bool:
+        return VARIANTS[self.variant].regularize
+
+    @property
+    def lr(self) -> float:
+        """The learning rate in force: the explicit one, else the variant's (study default)."""
+        return self.train.lr if self.train.lr is not None else VARIANTS[self.variant].lr
+
+    # -- flat dotted dicts for Ray Tune and MLflow ----------------------------------------
+    def to_flat(self) -> dict[str, Any]:
+        """`{"variant": ..., "seed": ..., "data.shape": [64, 64, 64], "loss.smooth_weight": ...}`.
+
+        Tuples become lists so the dict is JSON-serialisable; `from_flat(to_flat(c)) == c`.
+        """
+        flat: dict[str, Any] = {"variant": self.variant, "seed": self.seed}
+        for section in _SECTIONS:
+            for f in fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                flat[f"{section}.{f.name}"] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "Config":
+        """Build a config from dotted keys (missing keys take defaults; unknown keys raise)."""
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for key, value in flat.items():
+            head, _, rest = str(key).partition(".")
+            if rest and head in sections:
+                valid = {f.name for f in fields(_SECTIONS[head])}
+                if rest not in valid:
+                    raise ValueError(
+                        f"unknown config key {key!r}, expected one of "
+                        f"{', '.join(f'{head}.{v}' for v in sorted(valid))}"
+                    )
+                sections[head][rest] = _coerce(_SECTIONS[head], rest, value, key)
+            elif not rest and key in ("variant", "seed"):
+                top[key] = value
+            else:
+                raise ValueError(
+                    f"unknown config key {key!r}, expected variant, seed or a key of the sections "
+                    f"{', '.join(_SECTIONS)}"
+                )
+        return cls(**top, **{s: _SECTIONS[s](**kw) for s, kw in sections.items()})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        """A copy with dotted-key overrides applied (validated like `from_flat`)."""
+        flat = self.to_flat()
+        flat.update(overrides)
+        return Config.from_flat(flat)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+}
+
+
+def _coerce(section: type, name: str, value: Any, key: str) -> Any:
+    """Coerce values that came through JSON/CLI/MLflow: lists to tuples, ints to floats where a
+    float is declared. Anything else is left for the dataclass to validate."""
+    hints = typing.get_type_hints(section)
+    hint = hints[name]
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool) and hint in (float, float | None):
+        return float(value)
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line override value: JSON-ish (numbers, true/false, none, lists)."""
+    import json
+
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        if "," in text:
+            return [parse_value(part) for part in text.split(",")]
+        return text
+
+
+def replace_section(config: Config, section: str, **changes: Any) -> Config:
+    """`replace_section(cfg, "train", epochs=2)`: a copy with one section changed."""
+    return replace(config, **{section: replace(getattr(config, section), **changes)})
+
+
+# dataclasses.replace re-runs __post_init__, so copies are validated too.
+assert dataclasses.is_dataclass(Config)

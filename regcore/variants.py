@@ -1,0 +1,58 @@
+"""The ONE place where the ablation factors and the study's four variants are named.
+
+The original study is a 2x2 factorial design: {affine stage off/on} x {regularizers off/on}.
+Everything else (sweeps, analysis, reports) asks this module for the factors of a variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Variant", "VARIANTS", "FACTORS", "BASELINE", "get_variant", "variant_for"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One cell of the 2x2 design.
+
+    `lr` is the study's learning rate for the cell: 1e-3 without the affine stage, 3e-4 with it.
+    """
+
+    name: str
+    label: str  # the name the original study's table used
+    affine: bool
+    regularize: bool
+    lr: float
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("baseline", "Baseline UNet", affine=False, regularize=False, lr=1e-3),
+        Variant("regloss", "RegLoss UNet", affine=False, regularize=True, lr=1e-3),
+        Variant("combined_basic", "Combined (Basic)", affine=True, regularize=False, lr=3e-4),
+        Variant("combined_enhanced", "Combined (Enhanced)", affine=True, regularize=True, lr=3e-4),
+    )
+}
+
+#: The factors of the design, in the order (affine, regularize).
+FACTORS: tuple[str, str] = ("affine", "regularize")
+BASELINE = "baseline"
+
+
+def get_variant(name: str) -> Variant:
+    """Return the variant called `name`; unknown names raise a ValueError listing the valid ones."""
+    try:
+        return VARIANTS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown variant {name!r}, expected one of {', '.join(VARIANTS)}"
+        ) from None
+
+
+def variant_for(affine: bool, regularize: bool) -> Variant:
+    """Return the variant of the cell (affine, regularize)."""
+    for v in VARIANTS.values():
+        if v.affine == bool(affine) and v.regularize == bool(regularize):
+            return v
+    raise AssertionError("the 2x2 registry is incomplete")  # internal invariant
