@@ -1,0 +1,570 @@
+"""The ablation sweep: the study's 2x2 design x replicate seeds, plus a regularizer-weight search,
+as Ray Tune runs tracked in MLflow, ending with a summary table and the report.
+
+    python sweeps/ablation.py                       # quick preset, embedded cohort
+    python sweeps/ablation.py --preset smoke        # tests and CI (about a minute)
+    python sweeps/ablation.py --preset paper --data-dir /data/neurite-oasis --address auto
+    python sweeps/ablation.py --resume              # continue the latest interrupted sweep
+
+One sweep = two Tuners, one after the other (see sweeps/space.py): the ablation grid (FIFO)
+and the Optuna/ASHA weight search. Both live under `<storage-path>/<sweep-id>/` with the
+sweep's state (`sweep.json`: what was asked, the parent MLflow run); `--resume` reads it back.
+
+Every mistake of the caller (unknown preset or variant, a negative weight, a missing data
+directory, an unreachable tracking server, conflicting flags, a cluster without the resources
+one trial asks for) is one line on stderr and exit code 2, before any run or file is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from regcore.cli import UsageError, run_cli  # noqa: E402
+from regcore.config import Config, parse_value  # noqa: E402
+from regcore.variants import get_variant  # noqa: E402
+from sweeps import tracking  # noqa: E402
+from sweeps.presets import PRESETS, get_preset  # noqa: E402
+
+__all__ = ["main", "SweepPlan", "build_plan", "parse_args"]
+
+PROG = "sweeps/ablation.py"
+STATE_FILE = "sweep.json"
+LATEST_FILE = "LATEST"
+PARTS = ("ablation", "search")
+
+
+# -- the plan: what a sweep runs, saved for --resume ------------------------------------------
+@dataclass
+class SweepPlan:
+    sweep_id: str
+    preset: str
+    variants: list[str]
+    seeds: list[int]
+    search_trials: int
+    overrides: dict[str, Any]
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_failures: int
+    experiment: str
+    tracking_uri: str  # redacted: never holds credentials
+    search_metric: str = "val.dice_mean"
+    search_mode: str = "max"
+    parent_run_id: str | None = None
+    experiment_id: str | None = None
+    created_utc: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def base_config(self, variant: str | None = None, seed: int | None = None) -> Config:
+        flat = dict(self.overrides)
+        flat["variant"] = variant or self.variants[0]
+        flat["seed"] = self.seeds[0] if seed is None else seed
+        return Config.from_flat(flat)
+
+    @property
+    def epochs(self) -> int:
+        return self.base_config().train.epochs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: quick, or paper "
+                                    f"with --data-dir)")
+    p.add_argument("--epochs", type=int, help="train.epochs of every trial")
+    p.add_argument("--seeds", type=int, help="number of replicate seeds (0..N-1)")
+    p.add_argument("--seed-list", help="explicit replicate seeds, comma-separated")
+    p.add_argument("--variants", help="comma-separated variants (default: all four)")
+    p.add_argument("--search-trials", type=int, help="trials of the weight search (0 = none)")
+    p.add_argument("--search-metric", help="metric the weight search optimises "
+                                           "(default val.dice_mean)")
+    p.add_argument("--search-mode", choices=("max", "min"), help="default max")
+    p.add_argument("--shape", help="volume shape: N or D,H,W")
+    p.add_argument("--data-dir", help="Neurite OASIS directory (default: the embedded cohort)")
+    p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any dotted regcore config key, e.g. --set loss.smooth_weight=0.02")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (= torch threads)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial")
+    p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last "
+                                                    "checkpoint")
+    p.add_argument("--max-concurrent", type=int, default=0,
+                   help="cap on concurrent trials (default: what the cluster holds)")
+    p.add_argument("--experiment", help="MLflow experiment (default regablate)")
+    p.add_argument("--tracking-uri", help=f"MLflow tracking URI (default "
+                                          f"{tracking.DEFAULT_TRACKING_URI})")
+    p.add_argument("--address", help="join a Ray cluster: auto or host:port")
+    p.add_argument("--ray-num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray instance (default: all cores)")
+    p.add_argument("--storage-path", default="ray_results",
+                   help="Ray Tune storage (shared between nodes on a cluster)")
+    p.add_argument("--sweep-id", help="name of the sweep (default: <preset>-<UTC time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep --sweep-id (default: the latest one)")
+    p.add_argument("--report-dir", help="where the report goes (default reports/<sweep_id>)")
+    p.add_argument("--no-report", action="store_true", help="skip the report")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{what} == {text!r}, expected comma-separated integers") from None
+    if not values:
+        raise ValueError(f"{what} == {text!r}, expected at least one integer")
+    return values
+
+
+def _shape(text: str) -> list[int]:
+    values = _int_list(text, "--shape")
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"--shape == {text!r}, expected N or D,H,W")
+    return values
+
+
+def _sets(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}, expected KEY=VALUE with a dotted config key")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _explicit_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan fields the command line sets explicitly (for the --resume conflict check)."""
+    fields: dict[str, Any] = {}
+    if args.preset is not None:
+        fields["preset"] = args.preset
+    if args.variants is not None:
+        fields["variants"] = None
+    if args.seeds is not None or args.seed_list is not None:
+        fields["seeds"] = None
+    for name in ("search_trials", "cpus_per_trial", "gpus_per_trial", "max_failures",
+                 "experiment", "search_metric", "search_mode"):
+        if getattr(args, name) is not None:
+            fields[name] = None
+    if args.epochs is not None:
+        fields["overrides:train.epochs"] = None
+    if args.shape is not None:
+        fields["overrides:data.shape"] = None
+    if args.data_dir is not None:
+        fields["overrides:data.data_dir"] = None
+    for key in _sets(args.set):
+        fields[f"overrides:{key}"] = None
+    return fields
+
+
+def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPlan:
+    """Preset + command line -> a validated plan (raises ValueError/UsageError on bad input)."""
+    preset = get_preset(preset_name)
+    variants = list(preset.variants)
+    if args.variants is not None:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not variants:
+            raise ValueError(f"--variants == {args.variants!r}, expected a comma-separated list")
+        for v in variants:
+            get_variant(v)
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"--variants == {args.variants!r} repeats a variant")
+    seeds = list(preset.seeds)
+    if args.seeds is not None and args.seed_list is not None:
+        raise UsageError("--seeds and --seed-list conflict: pass one of them")
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds == {args.seeds}, must be >= 1")
+        seeds = list(range(args.seeds))
+    if args.seed_list is not None:
+        seeds = _int_list(args.seed_list, "--seed-list")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds == {seeds}, must be distinct integers >= 0")
+    search_trials = preset.search_trials if args.search_trials is None else args.search_trials
+    if search_trials < 0:
+        raise ValueError(f"--search-trials == {search_trials}, must be >= 0")
+    cpus = preset.cpus_per_trial if args.cpus_per_trial is None else args.cpus_per_trial
+    gpus = preset.gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
+    if not cpus > 0:
+        raise ValueError(f"--cpus-per-trial == {cpus:g}, must be > 0")
+    if gpus < 0:
+        raise ValueError(f"--gpus-per-trial == {gpus:g}, must be >= 0")
+    max_failures = preset.max_failures if args.max_failures is None else args.max_failures
+    if max_failures < 0:
+        raise ValueError(f"--max-failures == {max_failures}, must be >= 0")
+    if args.max_concurrent < 0:
+        raise ValueError(f"--max-concurrent == {args.max_concurrent}, must be >= 0")
+
+    overrides: dict[str, Any] = dict(preset.overrides)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    if args.shape is not None:
+        overrides["data.shape"] = _shape(args.shape)
+    if args.data_dir is not None:
+        overrides["data.data_dir"] = args.data_dir
+    overrides.update(_sets(args.set))
+    for key in ("variant", "seed"):
+        if key in overrides:
+            raise UsageError(f"--set {key}=... is not allowed: use --variants / --seeds")
+    # Trials run in their own working directories (and on other nodes): absolute paths only.
+    data_dir = overrides.get("data.data_dir")
+    if data_dir is not None:
+        data_path = Path(str(data_dir)).expanduser()
+        data_path = data_path if data_path.is_absolute() else cwd / data_path
+        if not data_path.is_dir():
+            raise FileNotFoundError(f"--data-dir {data_dir}: no such directory")
+        overrides["data.data_dir"] = str(data_path.resolve())
+    elif preset.requires_data_dir:
+        raise UsageError(f"--preset {preset.name} needs --data-dir (the Neurite OASIS directory)")
+    embedded = Path(str(overrides.get("data.embedded_dir", Config().data.embedded_dir)))
+    overrides["data.embedded_dir"] = str(embedded if embedded.is_absolute() else cwd / embedded)
+    overrides.setdefault("train.num_threads", max(1, int(round(cpus))))
+
+    # Validate every trial's config now, not in a worker: unknown keys, negative weights, ...
+    for v in variants:
+        Config.from_flat({**overrides, "variant": v, "seed": seeds[0]})
+
+    uri = args.tracking_uri or tracking.DEFAULT_TRACKING_URI
+    return SweepPlan(
+        sweep_id=args.sweep_id or "", preset=preset.name, variants=variants, seeds=seeds,
+        search_trials=search_trials, overrides=overrides, cpus_per_trial=float(cpus),
+        gpus_per_trial=float(gpus), max_failures=max_failures,
+        experiment=args.experiment or "regablate",
+        tracking_uri=tracking.redact_uri(tracking.resolve_tracking_uri(uri, cwd)),
+        search_metric=args.search_metric or "val.dice_mean",
+        search_mode=args.search_mode or "max",
+    )
+
+
+def _new_sweep_id(preset: str) -> str:
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{preset}-{stamp}-{secrets.token_hex(2)}"
+
+
+def _load_state(storage: Path, sweep_id: str | None) -> SweepPlan:
+    if sweep_id is None:
+        latest = storage / LATEST_FILE
+        if not latest.is_file():
+            raise UsageError(f"--resume: no sweep to resume in {storage} (no {LATEST_FILE} file); "
+                             f"pass --storage-path or --sweep-id")
+        sweep_id = latest.read_text(encoding="utf-8").strip()
+    state = storage / sweep_id / STATE_FILE
+    if not state.is_file():
+        raise UsageError(f"--resume: sweep {sweep_id!r} has no {STATE_FILE} in {storage}")
+    data = json.loads(state.read_text(encoding="utf-8"))
+    return SweepPlan(**data)
+
+
+def _check_resume_conflicts(args: argparse.Namespace, stored: SweepPlan, cwd: Path) -> None:
+    explicit = _explicit_fields(args)
+    if "preset" in explicit and explicit["preset"] != stored.preset:
+        raise UsageError(f"--resume: --preset {explicit['preset']} differs from the sweep's "
+                         f"preset {stored.preset} ({stored.sweep_id})")
+    asked = build_plan(args, stored.preset, cwd)
+    for name in explicit:
+        if name == "preset":
+            continue
+        if name.startswith("overrides:"):
+            key = name.split(":", 1)[1]
+            mine = asked.overrides.get(key)
+            theirs = stored.overrides.get(key, Config.from_flat({}).to_flat().get(key))
+        else:
+            mine, theirs = getattr(asked, name), getattr(stored, name)
+        if mine != theirs:
+            label = name.split(":", 1)[-1]
+            raise UsageError(f"--resume: {label} == {mine!r} differs from the sweep's "
+                             f"{theirs!r} ({stored.sweep_id}); a resumed sweep keeps its plan")
+    if args.tracking_uri is not None:
+        uri = tracking.redact_uri(tracking.resolve_tracking_uri(args.tracking_uri, cwd))
+        if uri != stored.tracking_uri:
+            raise UsageError(f"--resume: --tracking-uri {uri} differs from the sweep's "
+                             f"{stored.tracking_uri}")
+
+
+# -- running ------------------------------------------------------------------------------
+def _trial_name(trial) -> str:
+    config = trial.config
+    return f"{config.get('variant')}-s{config.get('seed')}-{trial.trial_id}"
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _reporter():
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        parameter_columns={"variant": "variant", "seed": "seed", "regablate.group": "group"},
+        metric_columns={"epoch": "epoch", "train.loss_total": "loss",
+                        "val.dice_mean": "val dice", "val.folding_pct": "val fold%",
+                        "test.dice_mean": "test dice", "trial.train_s": "train s"},
+        max_report_frequency=30, sort_by_metric=False)
+
+
+def _fit(part: str, plan: SweepPlan, sweep_dir: Path, trainable, make_tuner) -> Any:
+    from ray.tune import Tuner
+
+    path = sweep_dir / part
+    if Tuner.can_restore(str(path)):
+        tuner = Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                              resume_errored=True)
+    else:
+        tuner = make_tuner()
+    return tuner.fit()
+
+
+def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, Any]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.space import ablation_space, search_space, search_variants
+    from sweeps.trainable import RunCloser, run_trial
+
+    resources = {"cpu": plan.cpus_per_trial}
+    if plan.gpus_per_trial > 0:
+        resources["gpu"] = plan.gpus_per_trial
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
+    base = plan.base_config()
+
+    def run_config(part: str):
+        return tune.RunConfig(
+            name=part, storage_path=str(sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[RunCloser(ctx.experiment_id, ctx.sweep_id)],
+            progress_reporter=_reporter(), verbose=1)
+
+    results: dict[str, Any] = {}
+
+    def ablation_tuner():
+        return tune.Tuner(
+            trainable, param_space=ablation_space(base, plan.variants, plan.seeds),
+            tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots,
+                                        trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=run_config("ablation"))
+
+    results["ablation"] = _fit("ablation", plan, sweep_dir, trainable, ablation_tuner)
+
+    if plan.search_trials > 0 and search_variants(plan.variants):
+        def search_tuner():
+            import optuna
+
+            space, points = search_space(base, plan.variants, plan.seeds[0], plan.search_trials)
+            sampler = optuna.samplers.TPESampler(
+                seed=plan.seeds[0], n_startup_trials=max(1, plan.search_trials // 2))
+            searcher = OptunaSearch(points_to_evaluate=points, sampler=sampler)
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.epochs,
+                                      grace_period=1, reduction_factor=2)
+            return tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric=plan.search_metric, mode=plan.search_mode, search_alg=searcher,
+                    scheduler=scheduler, num_samples=plan.search_trials,
+                    max_concurrent_trials=slots, reuse_actors=True,
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+                run_config=run_config("search"))
+
+        results["search"] = _fit("search", plan, sweep_dir, trainable, search_tuner)
+    elif plan.search_trials > 0:
+        print(f"{PROG}: no variant of {', '.join(plan.variants)} regularizes: weight search "
+              f"skipped", file=sys.stderr)
+    return results
+
+
+def _trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for part, grid in results.items():
+        for result in grid:
+            config = result.config or {}
+            trial_id = Path(str(result.path)).name if result.path else ""
+            row = {"group": part, "trial_id": result.metrics.get("trial_id", trial_id),
+                   "variant": config.get("variant"), "seed": config.get("seed"),
+                   "status": "FAILED" if result.error else "FINISHED",
+                   "error": " ".join(str(result.error).split())[:300] if result.error else ""}
+            row.update({k: v for k, v in result.metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            rows.append(row)
+    return rows
+
+
+SUMMARY_METRICS = ("test.dice_mean", "test.hd95_mm", "test.folding_pct", "test.sdlogj",
+                   "test.dice_before_mean", "trial.train_s")
+
+
+def summary_table(rows: list[dict[str, Any]]):
+    """variant x (mean, sd over seeds) of the key test metrics, ablation trials only."""
+    import pandas as pd
+
+    frame = pd.DataFrame([r for r in rows if r["group"] == "ablation"])
+    if frame.empty:
+        return frame
+    cols = [c for c in SUMMARY_METRICS if c in frame.columns]
+    ok = frame[frame["status"] == "FINISHED"]
+    table = ok.groupby("variant")[cols].agg(["mean", "std"]) if cols else pd.DataFrame()
+    counts = frame.groupby("variant")["status"].agg(
+        trials="count", failed=lambda s: int((s == "FAILED").sum()))
+    return counts.join(table) if not table.empty else counts
+
+
+def _build_report(plan: SweepPlan, tracking_uri: str, out_dir: Path) -> Path:
+    """The report of the parent run, in-process through analysis.report."""
+    import inspect
+
+    from analysis import report as report_mod
+
+    build = getattr(report_mod, "build_report")
+    params = inspect.signature(build).parameters
+    offered = {"parent_run_id": plan.parent_run_id, "parent_run": plan.parent_run_id,
+               "out_dir": out_dir, "out": out_dir, "tracking_uri": tracking_uri,
+               "experiment": plan.experiment}
+    kwargs = {k: v for k, v in offered.items() if k in params}
+    result = build(**kwargs)
+    return Path(result) if isinstance(result, (str, os.PathLike)) else out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    cwd = Path.cwd()
+    storage = Path(args.storage_path).expanduser()
+    storage = (storage if storage.is_absolute() else cwd / storage).resolve()
+
+    # 1. Validate everything before Ray starts or anything is written.
+    if args.resume:
+        plan = _load_state(storage, args.sweep_id)
+        _check_resume_conflicts(args, plan, cwd)
+        raw_uri = (tracking.resolve_tracking_uri(args.tracking_uri, cwd) if args.tracking_uri
+                   else plan.tracking_uri)
+    else:
+        preset_name = args.preset or ("paper" if args.data_dir else "quick")
+        plan = build_plan(args, preset_name, cwd)
+        plan.sweep_id = args.sweep_id or _new_sweep_id(plan.preset)
+        if (storage / plan.sweep_id).exists():
+            raise UsageError(f"sweep {plan.sweep_id!r} already exists in {storage}: pass "
+                             f"--resume to continue it, or another --sweep-id")
+        raw_uri = tracking.resolve_tracking_uri(args.tracking_uri or
+                                                tracking.DEFAULT_TRACKING_URI, cwd)
+    tracking.check_tracking_uri(raw_uri)
+    report_dir = Path(args.report_dir) if args.report_dir else cwd / "reports" / plan.sweep_id
+
+    # 2. Ray, and the resources one trial asks for.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # CLIReporter with our metric columns
+    import ray
+
+    from sweeps.cluster import check_resources, start_ray
+
+    start_ray(args.address, args.ray_num_cpus)
+    try:
+        slots = check_resources(plan.cpus_per_trial, plan.gpus_per_trial)
+        if args.max_concurrent:
+            slots = min(slots, args.max_concurrent)
+        return _run(plan, args, storage, raw_uri, report_dir, slots, started)
+    finally:
+        ray.shutdown()
+
+
+def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
+         report_dir: Path, slots: int, started: float) -> int:
+    from regcore.io import atomic_write_text
+    from sweeps.trainable import RunCloser, SweepContext
+
+    # 3. Data, the MLflow store (created once, here), the parent run, the sweep's state.
+    if plan.overrides.get("data.data_dir") is None:
+        from regcore.data import ensure_embedded
+
+        ensure_embedded(plan.base_config().data)
+    plan.experiment_id = tracking.ensure_experiment(raw_uri, plan.experiment)
+    sweep_dir = storage / plan.sweep_id
+    plan.parent_run_id = tracking.get_or_create_parent(
+        raw_uri, plan.experiment_id, plan.sweep_id, plan.preset,
+        {"sweep.variants": ",".join(plan.variants), "sweep.seeds": ",".join(map(str, plan.seeds)),
+         "sweep.search_trials": plan.search_trials, "sweep.cpus_per_trial": plan.cpus_per_trial,
+         "sweep.gpus_per_trial": plan.gpus_per_trial, "sweep.max_failures": plan.max_failures,
+         "sweep.search_metric": plan.search_metric,
+         **plan.base_config().to_flat()},
+        run_id=plan.parent_run_id)
+    if not plan.created_utc:
+        plan.created_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sweep_dir / STATE_FILE, json.dumps(asdict(plan), indent=2))
+    atomic_write_text(storage / LATEST_FILE, plan.sweep_id + "\n")
+    print(f"sweep {plan.sweep_id}: preset {plan.preset}, {len(plan.variants)} variants x "
+          f"{len(plan.seeds)} seeds + {plan.search_trials} search trials, {slots} at a time; "
+          f"MLflow {plan.tracking_uri} experiment {plan.experiment} parent run "
+          f"{plan.parent_run_id}", flush=True)
+
+    ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
+                       parent_run_id=plan.parent_run_id, sweep_id=plan.sweep_id)
+    RunCloser.tracking_uri = raw_uri
+    client = tracking.client_for(raw_uri)
+    tune_started = time.perf_counter()
+    status = "FAILED"
+    try:
+        results = _run_tuners(plan, sweep_dir, ctx, slots)
+        status = "FINISHED"
+    finally:
+        tune_s = time.perf_counter() - tune_started
+        if status == "FAILED":
+            client.set_terminated(plan.parent_run_id, status="FAILED")
+    rows = _trial_rows(results)
+    outcome = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
+    tracking.close_stale_children(client, plan.experiment_id, plan.sweep_id, outcome)
+
+    # 4. Summary, Ray's overhead, the report.
+    import pandas as pd
+
+    train_s = sum(float(r.get("trial.train_s", 0.0) or 0.0) for r in rows)
+    busy_pct = 100.0 * train_s / (slots * tune_s) if tune_s > 0 else float("nan")
+    per_trial_overhead_s = (slots * tune_s - train_s) / max(len(rows), 1)
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.float_format", "{:.4g}".format):
+        print("\nablation summary (mean and sd over seeds):")
+        print(summary_table(rows).to_string())
+    print(f"\n{len(rows)} trials ({len(failed)} FAILED) in {tune_s:.1f} s of Tune time with "
+          f"{slots} slot(s); the trials trained for {train_s:.1f} s in all: slots busy "
+          f"{busy_pct:.1f} %, Ray overhead {per_trial_overhead_s:.1f} s per trial")
+    for r in failed:
+        print(f"FAILED {r['group']} {r['variant']}-s{r['seed']} ({r['trial_id']}): {r['error']}")
+    tracking.log_metrics(client, plan.parent_run_id, {
+        "sweep.trials": len(rows), "sweep.failed": len(failed), "sweep.tune_s": tune_s,
+        "sweep.trials_train_s": train_s, "sweep.slots": slots, "sweep.busy_pct": busy_pct,
+        "sweep.overhead_per_trial_s": per_trial_overhead_s}, step=0)
+
+    report_path = None
+    if not args.no_report:
+        report_path = _build_report(plan, raw_uri, report_dir)
+    wall_s = time.perf_counter() - started
+    tracking.log_metrics(client, plan.parent_run_id, {"sweep.wall_s": wall_s}, step=0)
+    client.set_terminated(plan.parent_run_id, status="FINISHED")
+    print(f"sweep {plan.sweep_id} done in {wall_s:.1f} s; parent run {plan.parent_run_id}")
+    if report_path is not None:
+        print(f"report: {report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, prog=PROG)

@@ -1,0 +1,112 @@
+"""Named sweep sizes: `smoke` (tests, CI), `quick` (the default on a laptop), `paper` (the study).
+
+A preset is a set of dotted regcore config overrides plus the sweep's own knobs (variants,
+seeds, search trials, resources). Every value can be overridden on the command line; the
+overrides are applied on top of the preset and validated by `regcore.config.Config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from regcore.variants import VARIANTS
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One sweep size.
+
+    `overrides`: dotted regcore config keys applied to every trial (before command-line `--set`).
+    `seeds`: replicate seeds of the ablation grid; the weight search uses the first one.
+    `search_trials`: trials of the Optuna weight search (0 = ablation grid only).
+    `gpus_per_trial` > 0 needs a cluster with GPUs (checked before any trial starts).
+    """
+
+    name: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    search_trials: int = 0
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    max_failures: int = 1
+    requires_data_dir: bool = False
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="smoke",
+            description="seconds to a minute: 32^3 embedded cohort, tiny U-Net, 2 epochs",
+            overrides={
+                "data.shape": [32, 32, 32],
+                "data.embedded_subjects": 6,
+                "data.n_test": 2,
+                "data.n_val": 1,
+                "model.enc_channels": [4, 8, 8],
+                "model.dec_channels": [8, 8, 8, 4],
+                "train.epochs": 2,
+                "train.steps_per_epoch": 2,
+                "train.checkpoint_every": 1,
+                "train.eval_repeats": 1,
+            },
+            seeds=(0,),
+            search_trials=2,
+            max_failures=1,
+        ),
+        Preset(
+            name="quick",
+            description="the embedded cohort at 48^3, 4 variants x 3 seeds + a small weight "
+                        "search; about 15 minutes on 2 CPU cores",
+            overrides={
+                "data.shape": [48, 48, 48],
+                "data.n_test": 4,
+                "data.n_val": 2,
+                "model.enc_channels": [8, 16, 16, 16],
+                "model.dec_channels": [16, 16, 16, 16, 16, 8, 8],
+                "train.epochs": 4,
+                "train.steps_per_epoch": 8,
+                "train.checkpoint_every": 1,
+                "train.eval_repeats": 1,
+            },
+            seeds=(0, 1, 2),
+            search_trials=4,
+            max_failures=1,
+        ),
+        Preset(
+            name="paper",
+            description="the study: Neurite OASIS seg4 one-hot at 128^3, atlas-to-subject, "
+                        "seed backbone, 50 epochs, batch 1, one GPU per trial",
+            overrides={
+                "data.modality": "seg4_onehot",
+                "data.shape": [128, 128, 128],
+                "data.pairing": "atlas",
+                "data.n_test": 20,
+                "model.backbone": "seed",
+                "train.epochs": 50,
+                "train.batch_size": 1,
+                "train.checkpoint_every": 5,
+                "train.device": "cuda",
+            },
+            seeds=(0, 1, 2),
+            search_trials=20,
+            cpus_per_trial=4,
+            gpus_per_trial=1.0,
+            max_failures=2,
+            requires_data_dir=True,
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; an unknown name raises a ValueError listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown preset {name!r}, expected one of {', '.join(PRESETS)}") from None

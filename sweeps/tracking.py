@@ -1,0 +1,261 @@
+"""MLflow layout of a sweep (docs/ARCHITECTURE.md, "MLflow layout"), written by our own code.
+
+Ray's `MLflowLoggerCallback` has no parent run and opens a second run for every trial resumed
+by `Tuner.restore`, so the sweep logs itself:
+
+- the driver creates the store and the experiment once, before any trial starts (several
+  processes creating a fresh sqlite database at once corrupt its schema migration), and one
+  parent run per sweep;
+- each trial finds its child run by the tags `regablate.sweep_id` + `regablate.trial_id` and
+  reuses it after a retry or a resumed sweep, or creates it; it logs params once, metrics per
+  epoch with `step=epoch`, artifacts at the end, and ends the run FINISHED or FAILED;
+- the driver closes whatever a killed trial left RUNNING (`close_stale_children`).
+
+Tracking URIs may carry `user:password@`; `redact_uri` strips them before a URI is written
+anywhere (tags, params, sweep state, messages).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "redact_uri",
+    "resolve_tracking_uri",
+    "check_tracking_uri",
+    "is_local_sqlite",
+    "ensure_experiment",
+    "client_for",
+    "get_or_create_parent",
+    "find_child",
+    "get_or_create_child",
+    "log_metrics",
+    "children_of",
+    "close_stale_children",
+    "flat_params",
+    "TAG",
+]
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG = "regablate."
+_HTTP_TIMEOUT_S = 3.0
+
+
+def redact_uri(uri: str) -> str:
+    """`http://user:secret@host:5000` -> `http://host:5000` (anything without credentials is kept)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def is_local_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
+    """Make a relative sqlite path absolute: trials run in other working directories."""
+    if is_local_sqlite(uri):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_absolute():
+            path = (cwd or Path.cwd()) / path
+        return f"sqlite:///{path.resolve()}"
+    return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast (ValueError, one line) when the tracking store cannot be used.
+
+    HTTP servers are probed at `/health` with a short timeout; a sqlite file must be creatable
+    (its directory exists). Nothing is created here.
+    """
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)
+        netloc = parts.hostname or ""
+        if parts.port is not None:
+            netloc = f"{netloc}:{parts.port}"
+        health = urllib.parse.urlunsplit((scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+        try:
+            with urllib.request.urlopen(health, timeout=_HTTP_TIMEOUT_S) as response:
+                if response.status != 200:
+                    raise ValueError(f"tracking server {redact_uri(uri)} answered HTTP "
+                                     f"{response.status} at /health, expected 200")
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ValueError(f"tracking server {redact_uri(uri)} is unreachable ({reason}); "
+                             f"start it or pass another --tracking-uri") from None
+    elif is_local_sqlite(uri):
+        parent = Path(uri.removeprefix("sqlite:///")).parent
+        if not parent.is_dir():
+            raise FileNotFoundError(f"--tracking-uri {uri}: directory {parent} does not exist")
+    elif scheme in ("databricks", "postgresql", "mysql", "mssql") or scheme.startswith(
+            ("postgresql+", "mysql+")):
+        pass  # checked by MLflow itself when the driver opens the store
+    else:
+        raise ValueError(f"--tracking-uri == {redact_uri(uri)!r}, expected sqlite:///FILE, "
+                         f"http(s)://HOST:PORT or a database URI")
+
+
+def client_for(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create the store (once, from the driver) and the experiment; return the experiment id.
+
+    A local sqlite store keeps its artifacts beside the database in `mlartifacts/`, as an
+    absolute path, so trials in other working directories write to the same place.
+    """
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if is_local_sqlite(uri):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flat_params(flat: dict[str, Any]) -> dict[str, str]:
+    """Config.to_flat values as strings, consistently typed (None -> "None", lists as [a, b])."""
+    return {key: str(value) for key, value in flat.items()}
+
+
+def get_or_create_parent(uri: str, experiment_id: str, sweep_id: str, preset: str,
+                         params: dict[str, Any], run_id: str | None = None) -> str:
+    """The sweep's parent run (reused on resume, found by id or by its sweep-id tag), RUNNING."""
+    client = client_for(uri)
+    run = None
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # deleted or from another store: fall back to the tag search
+            run = None
+    if run is None:
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG}role` = 'sweep' and tags.`{TAG}sweep_id` = '{sweep_id}'",
+            max_results=1)
+        run = found[0] if found else None
+    if run is None:
+        run = client.create_run(experiment_id, run_name=sweep_id, tags={
+            f"{TAG}role": "sweep", f"{TAG}preset": preset, f"{TAG}sweep_id": sweep_id})
+        _log_params(client, run.info.run_id, flat_params(params))
+    elif run.info.status != "RUNNING":
+        client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def find_child(client, experiment_id: str, sweep_id: str, trial_id: str):
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`{TAG}sweep_id` = '{sweep_id}' and "
+                       f"tags.`{TAG}trial_id` = '{trial_id}' and tags.`{TAG}role` = 'trial'"),
+        max_results=2)
+    return found[0] if found else None
+
+
+def get_or_create_child(client, experiment_id: str, parent_run_id: str, sweep_id: str,
+                        trial_id: str, run_name: str, tags: dict[str, str],
+                        params: dict[str, str]) -> tuple[str, bool]:
+    """(run_id, created): the trial's one run, reopened (RUNNING) if it exists."""
+    run = find_child(client, experiment_id, sweep_id, trial_id)
+    if run is not None:
+        client.update_run(run.info.run_id, status="RUNNING")
+        for key, value in tags.items():
+            client.set_tag(run.info.run_id, key, value)
+        return run.info.run_id, False
+    all_tags = {"mlflow.parentRunId": parent_run_id, f"{TAG}role": "trial",
+                f"{TAG}sweep_id": sweep_id, f"{TAG}trial_id": trial_id, **tags}
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    _log_params(client, run.info.run_id, params)
+    return run.info.run_id, True
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
+    """Numeric metrics at `step` (NaN kept: MLflow stores it; non-numbers skipped)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = []
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        value = float(value)
+        if math.isinf(value):
+            value = math.copysign(1.7976931348623157e308, value)
+        items.append(Metric(key, value, now, step))
+    for start in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[start:start + 500])
+
+
+def children_of(client, experiment_id: str, sweep_id: str) -> list:
+    from mlflow.entities import ViewType
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=(f"tags.`{TAG}sweep_id` = '{sweep_id}' and "
+                                            f"tags.`{TAG}role` = 'trial'"),
+            run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def close_stale_children(client, experiment_id: str, sweep_id: str,
+                         outcome: dict[str, tuple[str, str]]) -> int:
+    """End child runs left RUNNING (a killed or early-stopped trial cannot end its own run).
+
+    `outcome`: trial id -> (status, note) from Tune's final trial states; trials missing from it
+    are marked FAILED ("interrupted"). Returns how many runs were closed.
+    """
+    closed = 0
+    for run in children_of(client, experiment_id, sweep_id):
+        if run.info.status != "RUNNING":
+            continue
+        trial_id = run.data.tags.get(f"{TAG}trial_id", "")
+        status, note = outcome.get(trial_id, ("FAILED", "interrupted"))
+        if note:
+            client.set_tag(run.info.run_id, f"{TAG}end_note", note[:4000])
+        client.set_terminated(run.info.run_id, status=status)
+        closed += 1
+    return closed
+
+
+def log_artifacts(client, run_id: str, files: Iterable[tuple[Path, str | None]]) -> None:
+    """Log (local path, artifact dir) pairs; directories are logged whole."""
+    for path, artifact_path in files:
+        path = Path(path)
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.is_file():
+            client.log_artifact(run_id, str(path), artifact_path)
+
+
+def safe_env_summary() -> dict[str, str]:
+    """Environment facts worth a tag; never tokens or credentials."""
+    return {"host": os.uname().nodename, "pid": str(os.getpid())}

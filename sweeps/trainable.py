@@ -1,0 +1,180 @@
+"""`regcore.train.train` as a Ray Tune function trainable that logs its own MLflow child run.
+
+A trial's config is a flat dict: regcore's dotted config keys (`Config.from_flat`) plus the
+sweep's own keys under `regablate.` (the group: `ablation` or `search`). What the trial needs
+to reach MLflow (the tracking URI, which may carry credentials, and the parent run) comes in
+a `SweepContext` through `tune.with_parameters`, so it is never written into Tune's
+`params.json`/`result.json`.
+
+Per epoch: the metrics go to MLflow (`step=epoch`) and to `tune.report`, with
+`Checkpoint.from_directory(dir)` when train wrote a checkpoint. A retried trial, or one
+continued by `--resume`, gets `tune.get_checkpoint()` and passes its directory to train as
+`resume_from`; it reopens its own MLflow run (found by the trial-id tag) instead of creating a
+second one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweeps import tracking
+from sweeps.space import GROUP_KEY
+
+__all__ = ["SweepContext", "run_trial", "split_trial_config", "run_name", "RunCloser"]
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares (kept out of the trial config on purpose)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_id: str
+
+
+def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(regcore flat config, sweep keys under `regablate.`)."""
+    meta = {k: v for k, v in config.items() if k.startswith(tracking.TAG)}
+    flat = {k: v for k, v in config.items() if not k.startswith(tracking.TAG)}
+    return flat, meta
+
+
+def run_name(variant: str, seed: int, group: str, trial_id: str) -> str:
+    """`<variant>-s<seed>` for the ablation grid, `<variant>-search-<n>` for the weight search."""
+    if group == "search":
+        index = trial_id.rsplit("_", 1)[-1]
+        return f"{variant}-search-{int(index) if index.isdigit() else index}"
+    return f"{variant}-s{seed}"
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
+    """One trial: train the configured variant, log it to its MLflow child run."""
+    import ray
+    from ray import tune
+
+    from regcore.config import Config
+    from regcore.train import train
+
+    flat, meta = split_trial_config(config)
+    cfg = Config.from_flat(flat)
+    group = str(meta.get(GROUP_KEY, "ablation"))
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    trial_dir = Path(context.get_trial_dir())
+
+    client = tracking.client_for(ctx.tracking_uri)
+    tags = {
+        f"{tracking.TAG}variant": cfg.variant,
+        f"{tracking.TAG}affine": _bool(cfg.affine),
+        f"{tracking.TAG}regularize": _bool(cfg.regularize),
+        f"{tracking.TAG}seed": str(cfg.seed),
+        f"{tracking.TAG}group": group,
+        f"{tracking.TAG}node_id": ray.get_runtime_context().get_node_id(),
+        f"{tracking.TAG}host": socket.gethostname(),
+        f"{tracking.TAG}pid": str(os.getpid()),
+        f"{tracking.TAG}trial_name": context.get_trial_name(),
+    }
+    run_id, _created = tracking.get_or_create_child(
+        client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
+        run_name(cfg.variant, cfg.seed, group, trial_id), tags,
+        tracking.flat_params(cfg.to_flat()))
+    previous = client.get_run(run_id).data.tags.get(f"{tracking.TAG}attempts", "0")
+    client.set_tag(run_id, f"{tracking.TAG}attempts", str(int(previous) + 1))
+
+    checkpoint = tune.get_checkpoint()
+    started = time.perf_counter()
+    first_report = [True]
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        epoch = int(metrics.get("epoch", 0))
+        if first_report[0] and checkpoint is not None:
+            client.set_tag(run_id, f"{tracking.TAG}resumed_from_epoch", str(max(epoch - 1, 0)))
+        first_report[0] = False
+        tracking.log_metrics(client, run_id, metrics, step=epoch)
+        payload = dict(metrics)
+        payload["trial.train_s"] = time.perf_counter() - started
+        if checkpoint_dir is not None:
+            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        else:
+            tune.report(payload)
+
+    out_dir = trial_dir / "out"
+    try:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as resume_dir:
+                result = train(cfg, report, out_dir=out_dir, resume_from=resume_dir)
+        else:
+            result = train(cfg, report, out_dir=out_dir)
+    except SystemExit:
+        # Tune stops a trial (ASHA) by exiting its thread inside tune.report.
+        client.set_tag(run_id, f"{tracking.TAG}stopped_early", "true")
+        client.set_terminated(run_id, status="FINISHED")
+        raise
+    except BaseException as error:
+        message = " ".join(f"{type(error).__name__}: {error}".split())
+        client.set_tag(run_id, f"{tracking.TAG}error", message[:4000])
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+    train_s = time.perf_counter() - started
+    tracking.log_metrics(client, run_id, {"trial.train_s": train_s},
+                         step=int(result.metrics.get("epoch", 0)))
+    tracking.log_artifacts(client, run_id, [
+        (Path(result.per_pair_path), None),
+        (Path(result.example_path), None),
+        *([(Path(result.checkpoint_dir), "checkpoint")] if result.checkpoint_dir else []),
+    ])
+    client.set_tag(run_id, f"{tracking.TAG}device", str(getattr(result, "device", "")))
+    earlier = client.get_run(run_id).data.tags.get(f"{tracking.TAG}error")
+    if earlier is not None:  # an earlier attempt failed and a retry completed
+        client.set_tag(run_id, f"{tracking.TAG}recovered_error", earlier)
+        client.delete_tag(run_id, f"{tracking.TAG}error")
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def _callback_base():
+    from ray import tune
+
+    return tune.Callback
+
+
+class RunCloser(_callback_base()):
+    """Driver-side Tune callback: ends a trial's MLflow run that its trial could not end.
+
+    A trial stopped early by ASHA, or one whose process died, leaves its run RUNNING. The
+    tracking URI is a class attribute set by the driver at run time, so it is not pickled into
+    Tune's experiment state (it may carry credentials).
+    """
+
+    tracking_uri: str | None = None
+
+    def __init__(self, experiment_id: str, sweep_id: str) -> None:
+        self.experiment_id = experiment_id
+        self.sweep_id = sweep_id
+
+    def _close(self, trial, status: str, note: str) -> None:
+        uri = type(self).tracking_uri
+        if uri is None:
+            return
+        client = tracking.client_for(uri)
+        run = tracking.find_child(client, self.experiment_id, self.sweep_id, trial.trial_id)
+        if run is not None and run.info.status == "RUNNING":
+            if note:
+                client.set_tag(run.info.run_id, f"{tracking.TAG}end_note", note)
+            client.set_terminated(run.info.run_id, status=status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._close(trial, "FINISHED", "stopped by the scheduler")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._close(trial, "FAILED", "trial errored")
