@@ -61,6 +61,7 @@ class SweepPlan:
     tracking_uri: str  # redacted: never holds credentials
     search_metric: str = "val.dice_mean"
     search_mode: str = "max"
+    variant_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     parent_run_id: str | None = None
     experiment_id: str | None = None
     created_utc: str = ""
@@ -143,13 +144,32 @@ def _shape(text: str) -> list[int]:
     return values
 
 
-def _sets(items: list[str] | None) -> dict[str, Any]:
+def _sets(items: list[str] | None, scoped: bool = False) -> dict[str, Any]:
+    """`--set KEY=VALUE` (scoped=False) or `--set VARIANT:KEY=VALUE` (scoped=True, keyed
+    `VARIANT:KEY`)."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}, expected KEY=VALUE with a dotted config key")
-        out[key.strip()] = parse_value(value)
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}, expected [VARIANT:]KEY=VALUE with a dotted "
+                             f"config key")
+        if (":" in key) == scoped:
+            out[key] = parse_value(value)
+    return out
+
+
+def _variant_overrides(items: list[str] | None, variants: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in _sets(items, scoped=True).items():
+        variant, _, dotted = key.partition(":")
+        get_variant(variant)
+        if variant not in variants:
+            raise ValueError(f"--set {key}=...: variant {variant!r} is not in the sweep's "
+                             f"variants {', '.join(variants)}")
+        if dotted in ("variant", "seed"):
+            raise UsageError(f"--set {key}=... is not allowed: use --variants / --seeds")
+        out.setdefault(variant, {})[dotted] = value
     return out
 
 
@@ -174,6 +194,8 @@ def _explicit_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["overrides:data.data_dir"] = None
     for key in _sets(args.set):
         fields[f"overrides:{key}"] = None
+    if _sets(args.set, scoped=True):
+        fields["variant_overrides"] = None
     return fields
 
 
@@ -241,8 +263,9 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
     overrides.setdefault("train.num_threads", max(1, int(round(cpus))))
 
     # Validate every trial's config now, not in a worker: unknown keys, negative weights, ...
+    per_variant = _variant_overrides(args.set, variants)
     for v in variants:
-        Config.from_flat({**overrides, "variant": v, "seed": seeds[0]})
+        Config.from_flat({**overrides, **per_variant.get(v, {}), "variant": v, "seed": seeds[0]})
 
     uri = args.tracking_uri or tracking.DEFAULT_TRACKING_URI
     return SweepPlan(
@@ -252,7 +275,7 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
         experiment=args.experiment or "regablate",
         tracking_uri=tracking.redact_uri(tracking.resolve_tracking_uri(uri, cwd)),
         search_metric=args.search_metric or "val.dice_mean",
-        search_mode=args.search_mode or "max",
+        search_mode=args.search_mode or "max", variant_overrides=per_variant,
     )
 
 
@@ -472,6 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 2. Ray, and the resources one trial asks for.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # CLIReporter with our metric columns
+    # Tune snapshots its experiment state at most every 10 s by default; a driver killed in
+    # between loses trial completions. A small sweep's state is tiny: snapshot often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     import ray
 
     from sweeps.cluster import check_resources, start_ray
@@ -493,7 +519,10 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
 
     # 3. Data, the MLflow store (created once, here), the parent run, the sweep's state.
     if plan.overrides.get("data.data_dir") is None:
-        from regcore.data import ensure_embedded
+        try:
+            from regcore.data import ensure_embedded
+        except ImportError:  # the package may not re-export it
+            from regcore.data.embedded import ensure_embedded
 
         ensure_embedded(plan.base_config().data)
     plan.experiment_id = tracking.ensure_experiment(raw_uri, plan.experiment)
@@ -517,7 +546,8 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
           f"{plan.parent_run_id}", flush=True)
 
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
-                       parent_run_id=plan.parent_run_id, sweep_id=plan.sweep_id)
+                       parent_run_id=plan.parent_run_id, sweep_id=plan.sweep_id,
+                       variant_overrides=plan.variant_overrides)
     RunCloser.tracking_uri = raw_uri
     client = tracking.client_for(raw_uri)
     tune_started = time.perf_counter()

@@ -36,6 +36,8 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     sweep_id: str
+    #: variant -> dotted overrides for that variant only (`--set regloss:train.nan_at_epoch=2`)
+    variant_overrides: dict[str, dict[str, Any]] | None = None
 
 
 def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -66,6 +68,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     from regcore.train import train
 
     flat, meta = split_trial_config(config)
+    flat.update((ctx.variant_overrides or {}).get(str(flat.get("variant")), {}))
     cfg = Config.from_flat(flat)
     group = str(meta.get(GROUP_KEY, "ablation"))
     context = tune.get_context()
@@ -73,6 +76,12 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_dir = Path(context.get_trial_dir())
 
     client = tracking.client_for(ctx.tracking_uri)
+    done = tracking.find_child(client, ctx.experiment_id, ctx.sweep_id, trial_id)
+    if done is not None and done.info.status == "FINISHED":
+        # Tune's experiment state is saved every few seconds: a driver killed right after a
+        # trial finished may hand it out again. Its run says it is done: report, don't retrain.
+        tune.report({**done.data.metrics, "regablate.replayed": 1.0})
+        return
     tags = {
         f"{tracking.TAG}variant": cfg.variant,
         f"{tracking.TAG}affine": _bool(cfg.affine),
