@@ -1,0 +1,152 @@
+"""The study's five regularizers, each a pure function of the displacement in voxels -> scalar.
+
+Every function takes `ddf_vox` `(B, 3, D, H, W)` (voxels; channel k moves spatial axis k),
+returns a differentiable 0-d tensor with one fixed reduction (a mean over batch, channels and
+voxels), and uses whole-tensor stencils (slices, pooling): no Python loop over voxels. Weights
+are applied in one place, `regcore.losses.compute_loss`.
+
+The study's versions of these terms were inert (its field was in normalised units) or wrong
+(folds got no gradient, the log term rewarded expansion, no mixed second derivatives); these are
+the corrected definitions, stated in each docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from regcore.config import REGULARIZERS
+from regcore.spatial import check_ddf, jacobian_det
+
+__all__ = [
+    "smoothness",
+    "magnitude",
+    "rigidity",
+    "jacobian_penalty",
+    "bending_energy",
+    "REGULARIZER_FNS",
+    "regularizer_terms",
+    "JACOBIAN_MARGIN",
+]
+
+#: det J below this margin is penalised by the fold hinge (and the log term is clamped there).
+JACOBIAN_MARGIN = 0.1
+
+
+def _checked(ddf_vox: torch.Tensor, min_size: int) -> torch.Tensor:
+    ddf_vox = check_ddf(ddf_vox)
+    if min(ddf_vox.shape[2:]) < min_size:
+        raise ValueError(f"expected every spatial size of ddf >= {min_size}, "
+                         f"got {tuple(ddf_vox.shape[2:])}")
+    # half precision is too coarse for differences and determinants
+    return ddf_vox.float() if ddf_vox.dtype in (torch.float16, torch.bfloat16) else ddf_vox
+
+
+def smoothness(ddf_vox: torch.Tensor) -> torch.Tensor:
+    """Diffusion regularizer: sum over the 3 axes of the mean squared forward difference.
+
+    smooth = sum_k mean_{b, c, x} (u_c(x + e_k) - u_c(x))^2. For a linear field u = A x this is
+    sum_{c,k} A_ck^2 / 3, the value of MONAI's `DiffusionLoss` (central differences, sum over
+    axes, mean over batch, channels, voxels).
+    """
+    u = _checked(ddf_vox, 2)
+    return ((u[:, :, 1:] - u[:, :, :-1]).pow(2).mean()
+            + (u[:, :, :, 1:] - u[:, :, :, :-1]).pow(2).mean()
+            + (u[:, :, :, :, 1:] - u[:, :, :, :, :-1]).pow(2).mean())
+
+
+def magnitude(ddf_vox: torch.Tensor, max_displacement_vox: float = 10.0) -> torch.Tensor:
+    """Squared hinge on the displacement length above a threshold, in voxels.
+
+    magnitude = mean_{b, x} relu(|u(x)| - max_displacement_vox)^2, |u| the Euclidean norm over
+    the 3 channels. Zero (with zero gradient) while every voxel moves less than the threshold.
+    """
+    u = _checked(ddf_vox, 1)
+    if (isinstance(max_displacement_vox, bool) or not isinstance(max_displacement_vox, (int, float))
+            or not math.isfinite(max_displacement_vox) or max_displacement_vox < 0):
+        raise ValueError(f"max_displacement_vox == {max_displacement_vox!r}, must be a finite "
+                         "number >= 0")
+    # clamp before sqrt: the gradient of sqrt at 0 is infinite (and 0 * inf = NaN)
+    norm_vox = u.pow(2).sum(dim=1).clamp_min(1e-12).sqrt()
+    return F.relu(norm_vox - max_displacement_vox).pow(2).mean()
+
+
+def rigidity(ddf_vox: torch.Tensor) -> torch.Tensor:
+    """Local rigidity: squared deviation of the field from its 3x3x3 local mean.
+
+    rigidity = mean_{b, c, x} (u_c(x) - mean_{|y - x|_inf <= 1} u_c(y))^2, with the volume
+    edge replicated for the neighbourhood mean. A locally constant or linear field (inside)
+    scores 0: this penalises local non-affinity, not displacement.
+    """
+    u = _checked(ddf_vox, 1)
+    local_mean = F.avg_pool3d(F.pad(u, (1, 1, 1, 1, 1, 1), mode="replicate"), kernel_size=3,
+                              stride=1)
+    return (u - local_mean).pow(2).mean()
+
+
+def jacobian_penalty(ddf_vox: torch.Tensor, margin: float = JACOBIAN_MARGIN) -> torch.Tensor:
+    """Fold hinge plus a symmetric log-volume term on det J (J = I + grad u, u in voxels).
+
+    jacobian = mean_x relu(margin - det J)^2 + mean_x log(max(det J, margin))^2.
+
+    - The hinge keeps a gradient on folded voxels (det J <= 0), pushing det J up towards the
+      margin; the study clamped det J to [1e-6, 10] first, which zeroed exactly that gradient.
+    - The log term is symmetric in expansion and compression (log 2 and log 1/2 cost the same)
+      and is minimal at det J = 1, so expansion is never rewarded (the study's term was). It is
+      clamped at the margin so it stays finite; below the margin the hinge takes over.
+    Both parts are 0 for any volume-preserving field without folds.
+    """
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 < margin < 1:
+        raise ValueError(f"margin == {margin!r}, must be a number in (0, 1)")
+    det = jacobian_det(_checked(ddf_vox, 2))
+    fold = F.relu(margin - det).pow(2).mean()
+    log_volume = torch.log(det.clamp_min(margin)).pow(2).mean()
+    return fold + log_volume
+
+
+def bending_energy(ddf_vox: torch.Tensor) -> torch.Tensor:
+    """Bending energy with the mixed terms.
+
+    bending = mean_{b, c, x} [ sum_i (d2u_c/dx_i^2)^2 + 2 sum_{i<j} (d2u_c/dx_i dx_j)^2 ],
+    evaluated on the interior voxels (each spatial axis cropped by 1) with the compact stencils
+    u(x+e_i) - 2u(x) + u(x-e_i) and [u(x+e_i+e_j) - u(x+e_i-e_j) - u(x-e_i+e_j) + u(x-e_i-e_j)]/4.
+    Zero for any linear (affine) field; exact for quadratic fields, where it equals MONAI's
+    `BendingEnergyLoss(normalize=False)` (whose wider central-difference stencils are exact too).
+    """
+    u = _checked(ddf_vox, 3)
+    c = slice(1, -1)
+    lo, hi = slice(None, -2), slice(2, None)
+    inner = u[:, :, c, c, c]
+    d2_dd = u[:, :, hi, c, c] - 2 * inner + u[:, :, lo, c, c]
+    d2_hh = u[:, :, c, hi, c] - 2 * inner + u[:, :, c, lo, c]
+    d2_ww = u[:, :, c, c, hi] - 2 * inner + u[:, :, c, c, lo]
+    d2_dh = (u[:, :, hi, hi, c] - u[:, :, hi, lo, c] - u[:, :, lo, hi, c] + u[:, :, lo, lo, c]) / 4
+    d2_dw = (u[:, :, hi, c, hi] - u[:, :, hi, c, lo] - u[:, :, lo, c, hi] + u[:, :, lo, c, lo]) / 4
+    d2_hw = (u[:, :, c, hi, hi] - u[:, :, c, hi, lo] - u[:, :, c, lo, hi] + u[:, :, c, lo, lo]) / 4
+    energy = (d2_dd.pow(2) + d2_hh.pow(2) + d2_ww.pow(2)
+              + 2 * (d2_dh.pow(2) + d2_dw.pow(2) + d2_hw.pow(2)))
+    return energy.mean()
+
+
+#: `config.REGULARIZERS` name -> function of ddf_vox (magnitude with its default threshold;
+#: `regularizer_terms` passes the configured one).
+REGULARIZER_FNS: dict[str, Callable[..., torch.Tensor]] = {
+    "smooth": smoothness,
+    "magnitude": magnitude,
+    "rigidity": rigidity,
+    "jacobian": jacobian_penalty,
+    "bending": bending_energy,
+}
+assert tuple(REGULARIZER_FNS) == REGULARIZERS  # internal invariant: one list of names
+
+
+def regularizer_terms(ddf_vox: torch.Tensor, max_displacement_vox: float = 10.0
+                      ) -> dict[str, torch.Tensor]:
+    """All five regularizers of `ddf_vox`, unweighted, by name in `REGULARIZERS` order."""
+    terms = {}
+    for name, fn in REGULARIZER_FNS.items():
+        terms[name] = fn(ddf_vox, max_displacement_vox) if name == "magnitude" else fn(ddf_vox)
+    return terms
