@@ -1,0 +1,208 @@
+"""The sweep end to end, with real Ray, real MLflow (sqlite in tmp_path) and real training.
+
+Slow: every test starts Ray and trains tiny networks (CI runs them).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from regcore.config import Config
+from regcore.variants import VARIANTS
+
+from .conftest import mlflow_client, sweep_runs
+
+pytestmark = pytest.mark.slow
+
+FLAT_KEYS = set(Config().to_flat())
+
+
+def _by_name(children):
+    return {r.info.run_name: r for r in children}
+
+
+def _epoch_steps(client, run) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
+
+
+def test_smoke_sweep_end_to_end(sweep_env):
+    """The smoke preset: 4 variants x 1 seed + 2 search trials, under one parent run."""
+    started = time.perf_counter()
+    proc = sweep_env.run("--preset", "smoke", "--sweep-id", "smoke-e2e")
+    wall_s = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"smoke sweep wall time {wall_s:.1f} s")
+
+    parents, children = sweep_runs(sweep_env)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["regablate.preset"] == "smoke"
+    assert parent.data.tags["regablate.sweep_id"] == "smoke-e2e"
+    assert len(children) == 4 + 2
+    assert len({r.data.tags["regablate.trial_id"] for r in children}) == len(children)
+
+    client = mlflow_client(sweep_env)
+    ablation = [r for r in children if r.data.tags["regablate.group"] == "ablation"]
+    search = [r for r in children if r.data.tags["regablate.group"] == "search"]
+    assert sorted(r.info.run_name for r in ablation) == sorted(f"{v}-s0" for v in VARIANTS)
+    assert len(search) == 2
+    for run in search:
+        assert run.info.run_name.startswith(f"{run.data.tags['regablate.variant']}-search-")
+        assert VARIANTS[run.data.tags["regablate.variant"]].regularize
+    # the study's weights were evaluated (points_to_evaluate) for both regularizing variants
+    assert sorted(r.data.tags["regablate.variant"] for r in search) == ["combined_enhanced",
+                                                                       "regloss"]
+    for run in search:
+        assert run.data.params["loss.smooth_weight"] == "0.01"
+
+    for run in children:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        variant = VARIANTS[tags["regablate.variant"]]
+        assert run.info.status == "FINISHED", (run.info.run_name, tags.get("regablate.error"))
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["regablate.role"] == "trial"
+        assert tags["regablate.sweep_id"] == "smoke-e2e"
+        assert tags["regablate.affine"] == ("true" if variant.affine else "false")
+        assert tags["regablate.regularize"] == ("true" if variant.regularize else "false")
+        assert tags["regablate.seed"] == "0"
+        assert "hunter" not in str(tags) and "password" not in str(params)
+        # params: the flat config, every value a string
+        assert set(params) == FLAT_KEYS
+        assert params["variant"] == variant.name and params["seed"] == "0"
+        assert params["data.shape"] == "[32, 32, 32]"
+        assert params["train.lr"] == "None" and params["train.num_threads"] == "1"
+        cfg = Config.from_flat({"variant": params["variant"]})
+        assert cfg.lr == variant.lr
+        if run in search:
+            continue  # ASHA may stop a search trial after its first epoch
+        assert _epoch_steps(client, run) == [1, 2]
+        assert len(client.get_metric_history(run.info.run_id, "val.dice_mean")) == 2
+        assert 0.0 <= metrics["test.dice_mean"] <= 1.0
+        assert math.isfinite(metrics["test.folding_pct"])
+        assert metrics["trial.train_s"] > 0
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"per_pair.csv", "example.npz", "checkpoint"} <= artifacts
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == \
+            ["checkpoint/state.pt"]
+
+    assert "ablation summary" in proc.stdout
+    for name in VARIANTS:
+        assert name in proc.stdout.split("ablation summary", 1)[1]
+    assert "report: " in proc.stdout
+    report = Path(proc.stdout.split("report: ", 1)[1].splitlines()[0])
+    assert report.exists()
+    assert (sweep_env.workdir / "reports" / "smoke-e2e").is_dir()
+
+
+def test_failures_retried_nan_reported_others_unaffected(sweep_env):
+    """max_failures 1: a crash at epoch 2 is retried from the epoch-1 checkpoint and completes;
+    a crash at epoch 1 (no checkpoint yet) fails again and ends FAILED; a NaN loss fails with a
+    message naming the epoch and the term; the untouched variant finishes; the sweep reports."""
+    proc = sweep_env.run(
+        "--preset", "smoke", "--sweep-id", "failures", "--search-trials", "0",
+        "--max-failures", "1", "--epochs", "2",
+        "--set", "baseline:train.fail_at_epoch=2",
+        "--set", "combined_basic:train.fail_at_epoch=1",
+        "--set", "regloss:train.nan_at_epoch=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parents, children = sweep_runs(sweep_env)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    runs = _by_name(children)
+    assert sorted(runs) == sorted(f"{v}-s0" for v in VARIANTS)
+    client = mlflow_client(sweep_env)
+
+    retried = runs["baseline-s0"]
+    assert retried.info.status == "FINISHED"
+    assert retried.data.tags["regablate.attempts"] == "2"
+    assert retried.data.tags["regablate.resumed_from_epoch"] == "1"
+    assert "fail_at_epoch == 2" in retried.data.tags["regablate.recovered_error"]
+    assert _epoch_steps(client, retried) == [1, 2]  # epoch 1 trained once: resumed, not redone
+    assert "test.dice_mean" in retried.data.metrics
+
+    past_limit = runs["combined_basic-s0"]
+    assert past_limit.info.status == "FAILED"
+    assert past_limit.data.tags["regablate.attempts"] == "2"
+    assert "fail_at_epoch == 1" in past_limit.data.tags["regablate.error"]
+
+    nan = runs["regloss-s0"]
+    assert nan.info.status == "FAILED"
+    message = nan.data.tags["regablate.error"]
+    assert "DivergenceError" in message and "epoch 1" in message
+    assert any(term in message for term in ("dice", "ce", "mse", "ncc")), message
+
+    fine = runs["combined_enhanced-s0"]
+    assert fine.info.status == "FINISHED" and "regablate.error" not in fine.data.tags
+    assert "test.dice_mean" in fine.data.metrics
+    assert "2 FAILED" in proc.stdout
+    assert "report: " in proc.stdout
+
+
+def _wait_for(predicate, timeout_s: float, what: str, proc=None):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep exited ({proc.returncode}) while waiting for {what}")
+        try:
+            value = predicate()
+        except Exception:  # the store may be mid-creation
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_driver_killed(sweep_env):
+    """SIGKILL the driver once one trial finished and another is mid-training; --resume
+    finishes the sweep: nothing re-run from scratch, one MLflow run per trial, none RUNNING."""
+    common = ("--preset", "smoke", "--sweep-id", "killed", "--search-trials", "0",
+              "--variants", "baseline,regloss,combined_basic", "--epochs", "5",
+              "--max-concurrent", "1", "--no-report")
+    proc = sweep_env.popen(*common, log=sweep_env.workdir / "first.log")
+    try:
+        client = mlflow_client(sweep_env)
+
+        def one_done_one_mid():
+            _, children = sweep_runs(sweep_env)
+            done = [r for r in children if r.info.status == "FINISHED"]
+            mid = [r for r in children if r.info.status == "RUNNING"
+                   and r.data.metrics.get("epoch", 0) >= 2]
+            return (done, mid) if done and mid else None
+
+        done, mid = _wait_for(one_done_one_mid, 400, "a finished and a running trial", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    sweep_env.cleanup()  # the killed driver's Ray processes (by pid), as an operator would
+    sweep_env.ray_tmp.mkdir(exist_ok=True)
+    finished_before = {r.info.run_id: r.info.run_name for r in done}
+    mid_epoch = int(mid[0].data.metrics["epoch"])
+
+    resumed = sweep_env.run("--resume", "--no-report")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    parents, children = sweep_runs(sweep_env)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == \
+        ["baseline-s0", "combined_basic-s0", "regloss-s0"]  # exactly one run per trial
+    assert all(r.info.status == "FINISHED" for r in children), \
+        [(r.info.run_name, r.info.status) for r in children]
+    for run in children:
+        steps = _epoch_steps(client, run)
+        assert steps.count(1) == 1, (run.info.run_name, steps)  # never restarted from scratch
+        assert set(steps) == {1, 2, 3, 4, 5}
+        assert "test.dice_mean" in run.data.metrics
+    for run_id, name in finished_before.items():
+        run = client.get_run(run_id)
+        assert run.data.tags["regablate.attempts"] == "1", name  # not trained again
+    interrupted = client.get_run(mid[0].info.run_id)
+    assert int(interrupted.data.tags["regablate.resumed_from_epoch"]) >= 1
+    assert int(interrupted.data.tags["regablate.resumed_from_epoch"]) <= mid_epoch
