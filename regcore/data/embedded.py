@@ -34,6 +34,7 @@ brain). Deterministic given the seed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -123,8 +124,10 @@ def derive_seg4(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, affine: np.ndarr
     return seg
 
 
-def _atlas_on_grid(shape: tuple[int, int, int]):
-    """(t1 (D,H,W) float32 in [0, 1], seg4 (D,H,W) uint8, affine (4,4)) of the atlas grid."""
+@functools.lru_cache(maxsize=1)
+def _template_labels():
+    """(t1, seg4, affine) of the template cropped to the brain (6 voxel margin), 1 mm; cached
+    per process (read-only arrays)."""
     import nibabel as nib
 
     paths = template_paths()
@@ -133,7 +136,6 @@ def _atlas_on_grid(shape: tuple[int, int, int]):
     if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))):
         raise ValueError(f"{paths['t1']}: expected an axis-aligned affine, got {affine.tolist()}")
     t1 = images["t1"].get_fdata(dtype=np.float32)
-    # Crop to the brain (with a margin) before anything costly.
     margin_vox = 6
     nz = np.nonzero(t1 > 0)
     lo = np.maximum([a.min() - margin_vox for a in nz], 0)
@@ -145,6 +147,14 @@ def _atlas_on_grid(shape: tuple[int, int, int]):
     affine_crop = affine.copy()
     affine_crop[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
     seg = derive_seg4(t1, gm, wm, affine_crop)
+    for array in (t1, seg, affine_crop):
+        array.setflags(write=False)
+    return t1, seg, affine_crop
+
+
+def _atlas_on_grid(shape: tuple[int, int, int]):
+    """(t1 (D,H,W) float32 in [0, 1], seg4 (D,H,W) uint8, affine (4,4)) of the atlas grid."""
+    t1, seg, affine_crop = _template_labels()
     # Widen the box to the target aspect ratio: isotropic spacing s (in crop voxels).
     extent = np.asarray(t1.shape, dtype=np.float64)
     target = np.asarray(shape, dtype=np.float64)
