@@ -1,0 +1,337 @@
+"""Registration metrics: overlap, surface distance, field regularity, similarity, one pair's row.
+
+Inputs may be numpy arrays or torch tensors (converted to numpy / float64 here); nothing here
+depends on training. Conventions: label maps `(D, H, W)` (or `(1, D, H, W)`) integers with 0 the
+background; displacement fields `(3, D, H, W)` or `(B, 3, D, H, W)` in voxels, channel k moving
+spatial axis k; `spacing_mm` the voxel size along (D, H, W) in mm.
+
+Definitions follow the field (VoxelMorph, Learn2Reg): Dice on hard labels with the moving
+segmentation warped by nearest neighbour and the background excluded; HD95 in mm; folding as
+100 x the fraction of det J <= 0 (J = I + grad u, central differences); SDlogJ the standard
+deviation of log det J.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from regcore.spatial import jacobian_det
+
+__all__ = [
+    "SEG4_LABELS",
+    "PER_PAIR_COLUMNS",
+    "dice_per_label",
+    "hd95_mm",
+    "jacobian_det_np",
+    "folding_pct",
+    "sdlogj",
+    "sdlogj_l2r",
+    "displacement_stats",
+    "global_ncc",
+    "mse",
+    "plausibility",
+    "evaluate_pair",
+]
+
+#: seg4 label value -> name (0 is the background). The names make the `dice_<name>` columns.
+SEG4_LABELS: dict[int, str] = {1: "cortex", 2: "subcortical", 3: "white_matter", 4: "csf"}
+
+#: The columns `evaluate_pair` returns, in order (`inference_s` only when it is given).
+PER_PAIR_COLUMNS: tuple[str, ...] = (
+    "dice_mean", *(f"dice_{name}" for name in SEG4_LABELS.values()), "dice_before_mean",
+    "hd95_mm", "folding_pct", "sdlogj", "disp_mean_vox", "disp_max_vox", "disp_mean_mm",
+    "disp_max_mm", "mse_before", "mse_after", "mse_improvement_pct", "ncc_before", "ncc_after",
+    "ncc_improvement_pct", "plausibility", "true_error_mm",
+)
+
+
+# --- input handling ----------------------------------------------------------------------------
+def _np(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"expected {name} to be a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def _labels3d(seg: Any, name: str) -> np.ndarray:
+    arr = _np(seg, name)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"expected {name} of shape (D, H, W) or (1, D, H, W), got {arr.shape}")
+    if arr.dtype.kind not in "iub":
+        raise TypeError(f"expected {name} with an integer dtype (hard labels), got {arr.dtype}")
+    return arr
+
+
+def _seg_pair(a: Any, b: Any, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    a3, b3 = _labels3d(a, names[0]), _labels3d(b, names[1])
+    if a3.shape != b3.shape:
+        raise ValueError(f"shape mismatch: {names[0]} has {a3.shape}, {names[1]} has {b3.shape}")
+    return a3, b3
+
+
+def _label_list(labels: Mapping[int, str] | Sequence[int] | None) -> list[int]:
+    values = list(SEG4_LABELS) if labels is None else list(labels)
+    if not values:
+        raise ValueError("labels == [], expected at least one foreground label")
+    if any(int(v) == 0 for v in values):
+        raise ValueError(f"labels == {values}, must not include the background 0")
+    return [int(v) for v in values]
+
+
+def _spacing(spacing_mm: Any) -> np.ndarray:
+    arr = np.asarray(_np(spacing_mm, "spacing_mm") if isinstance(spacing_mm, torch.Tensor)
+                     else spacing_mm, dtype=np.float64).reshape(-1)
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(f"spacing_mm == {np.asarray(spacing_mm).tolist()}, must be three "
+                         "positive finite numbers (mm along D, H, W)")
+    return arr
+
+
+def _ddf(ddf_vox: Any, name: str = "ddf_vox") -> np.ndarray:
+    """(B, 3, D, H, W) float64 from (3, D, H, W) or (B, 3, D, H, W)."""
+    arr = np.asarray(_np(ddf_vox, name), dtype=np.float64)
+    if arr.ndim == 4:
+        arr = arr[None]
+    if arr.ndim != 5 or arr.shape[1] != 3:
+        raise ValueError(f"expected {name} of shape (3, D, H, W) or (B, 3, D, H, W), "
+                         f"got {tuple(np.shape(ddf_vox))}")
+    return arr
+
+
+# --- overlap and surface distance -------------------------------------------------------------
+def dice_per_label(warped_seg: Any, fixed_seg: Any,
+                   labels: Mapping[int, str] | Sequence[int] | None = None) -> dict[int, float]:
+    """Hard Dice per foreground label: 2 |A ∩ B| / (|A| + |B|).
+
+    `labels` defaults to the seg4 labels 1..4; the background 0 is never scored (it would
+    inflate Dice). A label absent from both maps has no defined Dice: NaN (average with
+    `np.nanmean`); absent from one map only: 0.
+    """
+    a, b = _seg_pair(warped_seg, fixed_seg, ("warped_seg", "fixed_seg"))
+    result = {}
+    for label in _label_list(labels):
+        in_a, in_b = a == label, b == label
+        size = int(in_a.sum()) + int(in_b.sum())
+        result[label] = 2.0 * int((in_a & in_b).sum()) / size if size else float("nan")
+    return result
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    # voxels of the mask with at least one 6-neighbour outside it (the volume edge counts as
+    # outside, so a label touching the border has a surface there)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _directed_distances_mm(from_surface: np.ndarray, to_surface: np.ndarray,
+                           spacing: np.ndarray) -> np.ndarray:
+    distance_to = ndimage.distance_transform_edt(~to_surface, sampling=spacing)
+    return distance_to[from_surface]
+
+
+def hd95_mm(warped_seg: Any, fixed_seg: Any,
+            labels: Mapping[int, str] | Sequence[int] | None = None,
+            spacing_mm: Any = (1.0, 1.0, 1.0), percentile: float = 95.0) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm, averaged over labels.
+
+    Per label: surfaces by erosion (6-connectivity), Euclidean distances in mm from each surface
+    voxel of one map to the nearest surface voxel of the other (`distance_transform_edt` with
+    `sampling=spacing_mm`), the 95th percentile of each direction, and the larger of the two (as
+    MONAI's `compute_hausdorff_distance(percentile=95)` and the `surface_distance` package do).
+    A label missing from either map is skipped (NaN); the mean is over the remaining labels
+    (NaN if none).
+    """
+    a, b = _seg_pair(warped_seg, fixed_seg, ("warped_seg", "fixed_seg"))
+    spacing = _spacing(spacing_mm)
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile == {percentile!r}, must be in [0, 100]")
+    values = []
+    for label in _label_list(labels):
+        in_a, in_b = a == label, b == label
+        if not in_a.any() or not in_b.any():
+            continue
+        surf_a, surf_b = _surface(in_a), _surface(in_b)
+        d_ab = _directed_distances_mm(surf_a, surf_b, spacing)
+        d_ba = _directed_distances_mm(surf_b, surf_a, spacing)
+        values.append(max(np.percentile(d_ab, percentile), np.percentile(d_ba, percentile)))
+    return float(np.mean(values)) if values else float("nan")
+
+
+# --- field regularity --------------------------------------------------------------------------
+def jacobian_det_np(ddf_vox: Any) -> np.ndarray:
+    """det(I + grad u) per voxel, `(B, D, H, W)` float64 (see `regcore.spatial.jacobian_det`)."""
+    return jacobian_det(torch.from_numpy(_ddf(ddf_vox))).numpy()
+
+
+def folding_pct(ddf_vox: Any) -> float:
+    """100 x the fraction of voxels with det J <= 0 (over all voxels of all batch items)."""
+    return float(100.0 * np.mean(jacobian_det_np(ddf_vox) <= 0))
+
+
+def _sdlogj(det: np.ndarray) -> float:
+    return float(np.std(np.log(np.clip(det, 1e-9, None))))
+
+
+def sdlogj(ddf_vox: Any) -> float:
+    """Standard deviation over voxels of log(det J), det J clipped to >= 1e-9 first.
+
+    Folded voxels (det J <= 0) enter as log(1e-9) = -20.7, so a few folds raise SDlogJ sharply.
+    """
+    return _sdlogj(jacobian_det_np(ddf_vox))
+
+
+def sdlogj_l2r(ddf_vox: Any) -> float:
+    """The Learn2Reg evaluation script's variant: std of log(clip(det J + 3, 1e-9, 1e9)).
+
+    Adding 3 (a documented quirk, MDL-UzL/L2R issue 7) compresses the values; numbers from this
+    variant are not comparable with `sdlogj`.
+    """
+    return float(np.std(np.log(np.clip(jacobian_det_np(ddf_vox) + 3, 1e-9, 1e9))))
+
+
+def displacement_stats(ddf_vox: Any, spacing_mm: Any = (1.0, 1.0, 1.0)) -> dict[str, float]:
+    """Mean and max displacement length over voxels, in voxels and in mm.
+
+    mm: each channel k is scaled by the spacing of axis k before the Euclidean norm.
+    Keys: disp_mean_vox, disp_max_vox, disp_mean_mm, disp_max_mm.
+    """
+    u = _ddf(ddf_vox)
+    spacing = _spacing(spacing_mm)
+    norm_vox = np.sqrt((u ** 2).sum(axis=1))
+    norm_mm = np.sqrt(((u * spacing.reshape(1, 3, 1, 1, 1)) ** 2).sum(axis=1))
+    return {
+        "disp_mean_vox": float(norm_vox.mean()),
+        "disp_max_vox": float(norm_vox.max()),
+        "disp_mean_mm": float(norm_mm.mean()),
+        "disp_max_mm": float(norm_mm.max()),
+    }
+
+
+def _plausibility(folding_fraction: float, sdlogj_value: float) -> float:
+    return float((1.0 - folding_fraction) * math.exp(-sdlogj_value))
+
+
+def plausibility(ddf_vox: Any) -> float:
+    """An explicit "anatomical plausibility" score in [0, 1] (the study reported one, undefined).
+
+        plausibility = (1 - f) * exp(-SDlogJ)
+
+    with f = fraction of voxels with det J <= 0 (folding_pct / 100) and SDlogJ as in `sdlogj`.
+    1 for the identity or any rigid/volume-preserving fold-free field; it decreases with folds
+    and with the spread of local volume change (SDlogJ 0.1 -> 0.905; 0.5 -> 0.607). It measures
+    the regularity of the transform, not anatomical correctness.
+    """
+    det = jacobian_det_np(ddf_vox)
+    return _plausibility(float(np.mean(det <= 0)), _sdlogj(det))
+
+
+# --- similarity --------------------------------------------------------------------------------
+def _pair(a: Any, b: Any, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(_np(a, names[0]), dtype=np.float64)
+    y = np.asarray(_np(b, names[1]), dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch: {names[0]} has {x.shape}, {names[1]} has {y.shape}")
+    return x, y
+
+
+def global_ncc(a: Any, b: Any) -> float:
+    """Pearson correlation of all voxels of `a` and `b` (NaN if either is constant)."""
+    x, y = _pair(a, b, ("a", "b"))
+    x, y = x.ravel() - x.mean(), y.ravel() - y.mean()
+    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+def mse(a: Any, b: Any) -> float:
+    """Mean squared difference over all voxels."""
+    x, y = _pair(a, b, ("a", "b"))
+    return float(np.mean((x - y) ** 2))
+
+
+# --- one pair ----------------------------------------------------------------------------------
+def _true_error_mm(ddf: np.ndarray, true_ddf_vox: Any, mask: np.ndarray,
+                   spacing: np.ndarray) -> float:
+    truth = _ddf(true_ddf_vox, "true_ddf_vox")
+    if truth.shape != ddf.shape:
+        raise ValueError(f"shape mismatch: true_ddf_vox has {truth.shape}, ddf_vox has {ddf.shape}")
+    error_mm = np.sqrt((((ddf - truth) * spacing.reshape(1, 3, 1, 1, 1)) ** 2).sum(axis=1))[0]
+    return float(error_mm[mask].mean()) if mask.any() else float("nan")
+
+
+def evaluate_pair(*, moving_image: Any, fixed_image: Any, warped_image: Any, moving_seg: Any,
+                  fixed_seg: Any, warped_seg: Any, ddf_vox: Any, spacing_mm: Any,
+                  true_ddf_vox: Any = None, brain_mask: Any = None,
+                  labels: Mapping[int, str] | None = None,
+                  inference_s: float | None = None) -> dict[str, float]:
+    """The per-pair row of docs/ARCHITECTURE.md (keys `PER_PAIR_COLUMNS`, plus `inference_s`
+    when given).
+
+    Args:
+        moving_image, fixed_image, warped_image: same shape (e.g. `(C, D, H, W)`), the moving
+            image before and after warping by `ddf_vox` (for MSE and global NCC).
+        moving_seg, fixed_seg, warped_seg: `(D, H, W)` integer labels, `warped_seg` the moving
+            labels warped with nearest neighbour.
+        ddf_vox: `(3, D, H, W)` (or `(1, 3, D, H, W)`) total displacement in voxels.
+        spacing_mm: voxel size (D, H, W) in mm.
+        true_ddf_vox: the ground-truth displacement, or None (then `true_error_mm` is NaN).
+        brain_mask: `(D, H, W)` bool region for `true_error_mm`; default `fixed_seg > 0`.
+        labels: label value -> name for the `dice_<name>` columns; default `SEG4_LABELS`.
+
+    Relative improvements: MSE (lower is better) 100 (before - after) / before; NCC (higher is
+    better) 100 (after - before) / |before|; NaN when the denominator is 0. Displacement
+    statistics are over the whole volume.
+    """
+    labels = SEG4_LABELS if labels is None else dict(labels)
+    spacing = _spacing(spacing_mm)
+    fixed3 = _labels3d(fixed_seg, "fixed_seg")
+    dice = dice_per_label(warped_seg, fixed3, labels)
+    dice_before = dice_per_label(moving_seg, fixed3, labels)
+    row: dict[str, float] = {"dice_mean": _nanmean(dice.values())}
+    row.update({f"dice_{name}": dice[label] for label, name in labels.items()})
+    row["dice_before_mean"] = _nanmean(dice_before.values())
+    row["hd95_mm"] = hd95_mm(warped_seg, fixed3, labels, spacing)
+
+    ddf = _ddf(ddf_vox)
+    if ddf.shape[0] != 1 or ddf.shape[2:] != fixed3.shape:
+        raise ValueError(f"expected ddf_vox of shape (3, {', '.join(map(str, fixed3.shape))}) "
+                         f"for one pair, got {tuple(np.shape(ddf_vox))}")
+    det = jacobian_det(torch.from_numpy(ddf)).numpy()
+    folding_fraction = float(np.mean(det <= 0))
+    row["folding_pct"] = 100.0 * folding_fraction
+    row["sdlogj"] = _sdlogj(det)
+    row.update(displacement_stats(ddf, spacing))
+
+    mse_before, mse_after = mse(moving_image, fixed_image), mse(warped_image, fixed_image)
+    ncc_before, ncc_after = global_ncc(moving_image, fixed_image), global_ncc(warped_image, fixed_image)
+    row["mse_before"], row["mse_after"] = mse_before, mse_after
+    row["mse_improvement_pct"] = (100.0 * (mse_before - mse_after) / mse_before
+                                  if mse_before > 0 else float("nan"))
+    row["ncc_before"], row["ncc_after"] = ncc_before, ncc_after
+    row["ncc_improvement_pct"] = (100.0 * (ncc_after - ncc_before) / abs(ncc_before)
+                                  if ncc_before != 0 and math.isfinite(ncc_before)
+                                  else float("nan"))
+    row["plausibility"] = _plausibility(folding_fraction, row["sdlogj"])
+
+    if true_ddf_vox is None:
+        row["true_error_mm"] = float("nan")
+    else:
+        mask = fixed3 > 0 if brain_mask is None else np.asarray(_np(brain_mask, "brain_mask"), bool)
+        if mask.shape != fixed3.shape:
+            raise ValueError(f"shape mismatch: brain_mask has {mask.shape}, fixed_seg has "
+                             f"{fixed3.shape}")
+        row["true_error_mm"] = _true_error_mm(ddf, true_ddf_vox, mask, spacing)
+    if inference_s is not None:
+        row["inference_s"] = float(inference_s)
+    return row
+
+
+def _nanmean(values) -> float:
+    arr = np.asarray(list(values), dtype=np.float64)
+    return float(np.nanmean(arr)) if np.any(~np.isnan(arr)) else float("nan")
