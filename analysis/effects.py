@@ -25,6 +25,7 @@ from regcore.variants import BASELINE, VARIANTS, variant_for
 
 __all__ = [
     "ALPHA",
+    "EFFECTS",
     "subject_table",
     "summarize",
     "improvements",
@@ -57,7 +58,7 @@ def subject_table(per_pair: pd.DataFrame, metric: str) -> pd.DataFrame:
     """`(n_subjects, n_variants)`: the metric per subject (`pair_id`) and variant, averaged over
     seeds. Ablation trials only; variants in registry order."""
     rows = _ablation(per_pair)
-    table = rows.pivot_table(index="pair_id", columns="variant", values=metric, aggfunc="mean")
+    table = rows.groupby(["pair_id", "variant"])[metric].mean().unstack("variant")
     order = [v for v in VARIANTS if v in table.columns]
     order += [v for v in table.columns if v not in order]
     return table[order]

@@ -54,6 +54,9 @@ _SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("ncc_improvement_pct", +1, "%", "NCC improvement",
                "Relative change of the normalised cross-correlation between moving and fixed "
                "images by registration, in percent of the NCC before."),
+    MetricSpec("ncc_gain", +1, "", "NCC gain",
+               "NCC between warped and fixed images minus NCC between moving and fixed images "
+               "(computed by the analysis from the per-pair ncc_after and ncc_before)."),
     MetricSpec("disp_max_vox", -1, "vox", "Max displacement",
                "Largest displacement magnitude of the total transform, in voxels."),
     MetricSpec("disp_max_mm", -1, "mm", "Max displacement",

@@ -9,7 +9,8 @@ metrics, and the artifacts `per_pair.csv` and `example.npz`.
 `load_sweep` returns a `Sweep` with
 - `trials`: one row per trial (de-duplicated by trial id, the FINISHED run kept, so a resumed
   sweep counts each trial once): `run_id`, `run_name`, `trial_id`, `variant`, `label`,
-  `affine`, `regularize` (bool), `seed` (int), `group`, `status`, `start_time`, `end_time`,
+  `affine`, `regularize` (bool), `seed` (int), `group`, `status`, `error`, `end_note`,
+  `stopped_early` (bool), `start_time`, `end_time`,
   `train_epoch_s_mean`, the typed config as `cfg.<dotted key>`, and the last value of every
   metric under its own name (`test.dice_mean`, `train.loss_total`, ...);
 - `per_pair`: one row per finished trial x test pair, the columns of `per_pair.csv` plus
@@ -69,13 +70,17 @@ class Sweep:
 # -- the tracking store ---------------------------------------------------------------------
 
 
+_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # a down server fails at once, not after minutes
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per artifact floods stderr
+}
+
+
 @contextlib.contextmanager
-def _no_http_retries() -> Iterator[None]:
-    """A down tracking server should fail at once, not after minutes of retries."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                                             "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+def _client_env() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in _CLIENT_ENV}
+    os.environ.update(_CLIENT_ENV)
     try:
         yield
     finally:
@@ -112,7 +117,7 @@ def connect(tracking_uri: str):
         raise ValueError(f"tracking store {tracking_uri!r} is unreachable: {path} does not exist")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
-        with _no_http_retries():
+        with _client_env():
             client.search_experiments(max_results=1)
     except Exception as error:  # any failure to answer means the store is unusable
         message = " ".join(str(error).split())[:200]
@@ -237,6 +242,9 @@ def _trial_row(run) -> dict[str, Any]:
         "seed": int(seed_text) if seed_text not in (None, "", "None") else -1,
         "group": tags.get("regablate.group", "ablation"),
         "status": run.info.status,
+        "error": tags.get("regablate.error", ""),
+        "end_note": tags.get("regablate.end_note", ""),
+        "stopped_early": _as_bool(tags.get("regablate.stopped_early"), False),
         "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
         "end_time": (pd.to_datetime(run.info.end_time, unit="ms", utc=True)
                      if run.info.end_time else pd.NaT),
@@ -284,6 +292,12 @@ def load_sweep(tracking_uri: str, parent_run_id: str | None = None,
     experiment does not exist, the experiment is empty or not a regablate experiment, or no
     trial finished.
     """
+    with _client_env():
+        return _load_sweep(tracking_uri, parent_run_id, experiment)
+
+
+def _load_sweep(tracking_uri: str, parent_run_id: str | None,
+                experiment: str | None) -> Sweep:
     client = connect(tracking_uri)
     parent = find_parent_run(client, parent_run_id, experiment)
     pid = parent.info.run_id
@@ -304,6 +318,8 @@ def load_sweep(tracking_uri: str, parent_run_id: str | None = None,
             try:
                 tables.append(_read_per_pair(client, trial, Path(tmp) / str(i)))
             except Exception as error:  # a trial without its table is reported, not fatal
+                if trial["stopped_early"]:
+                    continue  # stopped by the scheduler before its test evaluation
                 problems.append(f"trial {trial['trial_id']} ({trial['variant']}, seed "
                                 f"{trial['seed']}): per_pair.csv unreadable: "
                                 f"{' '.join(str(error).split())[:160]}")
@@ -334,7 +350,12 @@ def fetch_example(sweep: Sweep, dst_dir: str | os.PathLike,
     logged one."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=sweep.tracking_uri)
+    with _client_env():
+        return _fetch_example(MlflowClient(tracking_uri=sweep.tracking_uri), sweep, dst_dir,
+                              prefer)
+
+
+def _fetch_example(client, sweep: Sweep, dst_dir, prefer) -> tuple[Path, pd.Series] | None:
     finished = sweep.finished
     order = {v: i for i, v in enumerate(prefer)}
     candidates = finished.assign(

@@ -156,8 +156,8 @@ def log_sweep(store: Store, *, experiment: str = "regablate", per_pair: pd.DataF
     return pid
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep_store(empty_db, tmp_path_factory) -> tuple[Store, str]:
-    """A store holding one complete constructed sweep (shared by a module's tests)."""
+    """A store holding one complete constructed sweep (shared, read-only, by the tests)."""
     store = _copy_store(empty_db, tmp_path_factory.mktemp("sweep_store"))
     return store, log_sweep(store)

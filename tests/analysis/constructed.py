@@ -45,6 +45,13 @@ def make_per_pair(n_subjects: int = 12, seeds=(0, 1, 2), *, dice=(0.05, 0.03, 0.
                 row["inference_s"] = 0.05 + 0.01 * a + rng.normal(0, 0.001)
                 row["mse_improvement_pct"] = 40 + 5 * a + 3 * r + rng.normal(0, 0.5)
                 row["plausibility"] = 0.9 + 0.05 * r
+                row["sdlogj"] = 0.3 - 0.1 * r + rng.normal(0, 0.01)
+                row["disp_max_vox"] = 8.0 - 3.0 * r + rng.normal(0, 0.2)
+                row["disp_max_mm"] = 1.5 * row["disp_max_vox"]
+                row["ncc_before"] = 0.5
+                row["ncc_after"] = 0.8 + 0.02 * a + rng.normal(0, 0.01)
+                row["ncc_improvement_pct"] = 100 * (row["ncc_after"] - 0.5) / 0.5
+                row["dice_before_mean"] = 0.4
                 row["true_error_mm"] = float("nan")
                 rows.append(row)
     return pd.DataFrame(rows)

@@ -1,0 +1,137 @@
+"""The report built from MLflow runs: every section and figure; bad inputs change nothing."""
+
+import base64
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis.report import SECTIONS, build_report, main
+from tests.analysis.conftest import log_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = {"box_dice_mean.png", "box_hd95_mm.png", "box_folding_pct.png", "box_sdlogj.png",
+           "effects.png", "search_front.png", "example.png"}
+
+
+@pytest.fixture(scope="module")
+def report_dir(sweep_store, tmp_path_factory):
+    store, pid = sweep_store
+    out = tmp_path_factory.mktemp("report") / "report"
+    path = build_report(store.uri, parent_run_id=pid, out_dir=out)
+    assert path == out / "report.md"
+    return out
+
+
+def test_report_holds_every_section_and_figure(report_dir):
+    md = (report_dir / "report.md").read_text()
+    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert headings == list(SECTIONS)
+    assert md.startswith("# Ablation report: regablate")
+    for sub in ("Main effect of the affine stage", "Main effect of the regularizers",
+                "Interaction (synergy)"):
+        assert f"### {sub}" in md
+    pngs = {p.name for p in report_dir.glob("*.png")}
+    assert pngs == FIGURES  # true_error_mm is all NaN here: no box plot for it
+    html = (report_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FIGURES)
+    for name in FIGURES:
+        assert f"]({name})" in md
+        png = (report_dir / name).read_bytes()
+        assert png.startswith(b"\x89PNG")
+        assert base64.b64encode(png).decode("ascii") in html
+    assert "<h2>Research questions</h2>" in html
+    assert not list(report_dir.parent.glob(".report.*"))  # no temporary left behind
+
+
+def test_report_tables_carry_the_numbers(report_dir):
+    md = (report_dir / "report.md").read_text()
+    # the original study's columns and rows, labels from regcore.variants
+    assert ("| Method | MSE improvement (%) | NCC improvement (after - before) | "
+            "Max displacement (mm) | Anatomical plausibility [0,1] | Inference time (ms) |") in md
+    for label in ("Baseline UNet", "RegLoss UNet", "Combined (Basic)", "Combined (Enhanced)"):
+        assert f"| {label} | " in md
+    # constructed: inference 0.05 s (+ 0.01 s with the affine stage), MSE improvement 40 %
+    # (+ 5 affine, + 3 regularizers), plausibility 0.9 (+ 0.05 regularizers)
+    key = md.split("## Key results")[1].split("## ")[0]
+    base = next(line for line in key.splitlines() if line.startswith("| Baseline UNet |"))
+    cells = [c.strip() for c in base.strip("|").split("|")]
+    assert float(cells[1].split(" ± ")[0]) == pytest.approx(40.0, abs=0.5)
+    assert float(cells[4].split(" ± ")[0]) == pytest.approx(0.9)
+    assert float(cells[5].split(" ± ")[0]) == pytest.approx(50.0, abs=1.0)
+    enhanced = next(line for line in key.splitlines() if line.startswith("| Combined (Enh"))
+    assert float(enhanced.strip("|").split("|")[5].split(" ± ")[0]) == pytest.approx(60.0, abs=1)
+    # four research questions answered with numbers
+    questions = re.findall(r"^- ([1-4])\. ", md, flags=re.M)
+    assert questions == ["1", "2", "3", "4"]
+    # provenance: the failed trial is listed with its status
+    assert "trial-regloss-9" in md and "FAILED" in md
+    assert "1 duplicate run(s) of resumed trials dropped" in md
+    # the additive constructed data: no synergy on Dice
+    inter = md.split("### Interaction (synergy)")[1].split("###")[0]
+    dice_line = next(line for line in inter.splitlines() if line.startswith("| Dice (dice_mean)"))
+    assert dice_line.rstrip().endswith("| no evidence of either |")
+    assert (report_dir / "effects.csv").exists()
+
+
+def test_report_replaces_a_previous_report(sweep_store, report_dir, tmp_path):
+    store, pid = sweep_store
+    out = tmp_path / "again"
+    shutil.copytree(report_dir, out)
+    (out / "stale.txt").write_text("old")
+    build_report(store.uri, experiment="regablate", out_dir=out)
+    assert not (out / "stale.txt").exists() and (out / "report.html").exists()
+    assert not list(tmp_path.glob(".again.*"))
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "analysis.report", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_cli_bad_inputs_exit_2_with_one_line_and_write_nothing(store, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from regcore.cli import run_cli
+
+    client = MlflowClient(tracking_uri=store.uri)
+    client.create_experiment("empty", artifact_location=store.artifacts.as_uri())
+    foreign = client.create_experiment("foreign", artifact_location=store.artifacts.as_uri())
+    client.set_terminated(client.create_run(foreign).info.run_id)
+    out = tmp_path / "out"
+    uri = ["--tracking-uri", store.uri]
+    cases = [
+        ([*uri, "--experiment", "empty"], "experiment 'empty' is empty"),
+        ([*uri, "--experiment", "foreign"], "experiment 'foreign' holds no regablate sweep"),
+        ([*uri, "--parent-run", "0123abcd"], "parent run '0123abcd' not found"),
+        (["--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"], "is unreachable"),
+        ([*uri, "--experiment", "a", "--parent-run", "b"], "not allowed with argument"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, [*args, "--out", str(out)], prog="analysis.report")
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.startswith("analysis.report: error: ") and err.count("\n") == 1
+        assert message in err
+        assert not out.exists()
+    assert not (tmp_path / "none.db").exists()
+    # the real command line: one line on stderr, exit code 2, no default store created
+    result = _cli("--experiment", "foreign", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "unreachable" in result.stderr
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_out_dir_that_is_not_a_report_is_refused(sweep_store, tmp_path):
+    store, pid = sweep_store
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    with pytest.raises(ValueError, match="holds no report.md: refusing to replace it"):
+        build_report(store.uri, parent_run_id=pid, out_dir=precious)
+    assert (precious / "thesis.tex").read_text() == "keep me"
