@@ -181,16 +181,24 @@ def _identity(shape):
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 
+@functools.lru_cache(maxsize=4)
+def _identity_normalised(shape):
+    """(1, D, H, W, 3) identity in grid_sample's normalised (x=W, y=H, z=D) coordinates and the
+    (3,) voxel -> normalised scale in that order (align_corners=True)."""
+    import torch
+
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in reversed(shape)])
+    grid = _identity(shape).flip(0).permute(1, 2, 3, 0) * scale - 1.0
+    return grid[None].contiguous(), scale
+
+
 def _warp(volume, ddf_vox, mode: str):
     """volume (C, D, H, W), ddf_vox (3, D, H, W) torch -> volume(x + u(x)), border padding."""
-    import torch
     import torch.nn.functional as F
 
-    shape = tuple(volume.shape[1:])
-    grid = _identity(shape) + ddf_vox
-    norm = torch.stack([2.0 * grid[k] / max(shape[k] - 1, 1) - 1.0 for k in range(3)])
-    norm = norm.flip(0).permute(1, 2, 3, 0)[None]  # grid_sample wants (x=W, y=H, z=D) last
-    out = F.grid_sample(volume[None].float(), norm, mode=mode, padding_mode="border",
+    identity, scale = _identity_normalised(tuple(volume.shape[1:]))
+    grid = identity + ddf_vox.flip(0).permute(1, 2, 3, 0)[None] * scale
+    out = F.grid_sample(volume[None].float(), grid, mode=mode, padding_mode="border",
                         align_corners=True)
     return out[0]
 
