@@ -118,6 +118,13 @@ def test_bilinear_on_integer_labels_is_refused(labels):
         warp(labels, torch.zeros(2, 3, *SHAPE), mode="bilinear")
 
 
+def test_identity_grid_is_cached_per_shape_device_dtype():
+    g1 = identity_grid_vox(SHAPE, "cpu", torch.float32)
+    assert identity_grid_vox(SHAPE, "cpu", torch.float32) is g1
+    assert identity_grid_vox(SHAPE, "cpu", torch.float64) is not g1
+    assert g1.shape == (1, 3, *SHAPE) and g1[0, :, 2, 3, 4].tolist() == [2.0, 3.0, 4.0]
+
+
 # ---------------------------------------------------------------------------------------------
 # warp vs MONAI Warp (independent oracle)
 # ---------------------------------------------------------------------------------------------
