@@ -1,0 +1,207 @@
+"""train(): reports, determinism, resume equivalence, divergence, test hooks and the command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from regcore.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from regcore.config import Config
+from regcore.train import DivergenceError, main, train
+
+# 16^3 embedded cohort: 1 atlas, 2 training, 1 validation, 2 test subjects; a tiny U-Net.
+TINY = {
+    "data.embedded_subjects": 6,
+    "data.shape": [16, 16, 16],
+    "data.n_test": 2,
+    "data.n_val": 1,
+    "model.enc_channels": [4, 8, 8, 8],
+    "model.dec_channels": [8, 8, 8, 8, 8, 4, 4],
+    "train.epochs": 3,
+    "train.steps_per_epoch": 2,
+    "train.checkpoint_every": 1,
+    "train.num_threads": 1,
+    "train.eval_repeats": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def embedded_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("embedded"))
+
+
+@pytest.fixture
+def tiny(embedded_dir):
+    def make(**overrides) -> Config:
+        flat = {"variant": "combined_enhanced", "seed": 5, "data.embedded_dir": embedded_dir, **TINY}
+        flat.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return Config.from_flat(flat)
+    return make
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[tuple[dict, str | None]] = []
+
+    def __call__(self, metrics, checkpoint_dir):
+        self.calls.append((dict(metrics), checkpoint_dir))
+
+
+def _weights(directory):
+    return load_checkpoint(directory)["model"]
+
+
+def test_importing_train_imports_neither_ray_nor_mlflow():
+    code = ("import sys, regcore.train, regcore.evaluate, regcore.register; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, embedded_dir):
+    flat = {"variant": "combined_enhanced", "seed": 5, "data.embedded_dir": embedded_dir, **TINY}
+    config = Config.from_flat(flat)
+    recorder = Recorder()
+    out = tmp_path_factory.mktemp("full")
+    result = train(config, recorder, out_dir=out)
+    return config, recorder, result, out
+
+
+def test_reports_every_epoch_with_the_contract_names(full_run):
+    config, recorder, result, out = full_run
+    assert [int(m["epoch"]) for m, _ in recorder.calls] == [1, 2, 3]
+    for metrics, checkpoint_dir in recorder.calls:
+        assert checkpoint_dir is not None  # checkpoint_every == 1
+        for key in ("train.loss_total", "train.reg_factor", "train.lr", "train.epoch_s",
+                    "val.dice_mean", "val.folding_pct", "train.loss_dice", "train.share_dice",
+                    "train.loss_smooth", "train.share_jacobian"):
+            assert key in metrics and np.isfinite(metrics[key]), key
+        assert metrics["train.lr"] == pytest.approx(3e-4)  # the variant's study default
+        shares = sum(v for k, v in metrics.items() if k.startswith("train.share_"))
+        assert shares == pytest.approx(1.0, rel=1e-4)
+    # the adaptive factor of the study, max(0.01, 0.1 (1 - e/E)) at e = 0, 1, 2 of E = 3
+    assert [m["train.reg_factor"] for m, _ in recorder.calls] == pytest.approx([0.1, 0.1 * 2 / 3, 0.1 / 3])
+    last = recorder.calls[-1][0]
+    assert last["test.dice_mean"] == pytest.approx(result.per_pair["dice_mean"].mean())
+    assert "test.dice_before_mean" in last and "test.inference_s" in last
+    assert result.metrics == last
+    assert result.checkpoint_dir.name == "epoch_0003"
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["epoch_0002", "epoch_0003"]
+
+
+def test_per_pair_table_and_example(full_run):
+    config, _, result, out = full_run
+    table = pd.read_csv(out / "per_pair.csv")
+    assert len(table) == 2  # data.n_test
+    for column in ("moving", "fixed", "dice_mean", "dice_cortex", "dice_csf", "dice_before_mean",
+                   "hd95_mm", "folding_pct", "sdlogj", "disp_max_mm", "mse_before", "mse_after",
+                   "ncc_improvement_pct", "plausibility", "true_error_mm", "inference_s",
+                   "device", "similarity_on"):
+        assert column in table.columns, column
+    assert (table["similarity_on"] == "intensity").all()  # the embedded cohort has intensities
+    assert table["true_error_mm"].notna().all()  # and a ground-truth field
+    assert (table["inference_s"] > 0).all()
+    example = np.load(out / "example.npz")
+    shape = tuple(config.data.shape)
+    assert example["fixed"].shape == shape and example["warped_seg"].shape == shape
+    assert example["ddf_vox"].shape == (3, *shape) and example["jacdet"].shape == shape
+    assert example["spacing_mm"].shape == (3,)
+    assert (out / "metrics.json").is_file()
+
+
+def test_same_seed_same_result(full_run, tiny, tmp_path):
+    config, recorder, result, out = full_run
+    again = Recorder()
+    train(config, again, out_dir=tmp_path)
+    assert [m["train.loss_total"] for m, _ in again.calls] == [m["train.loss_total"] for m, _ in recorder.calls]
+    for name, tensor in _weights(out / "checkpoints" / "epoch_0003").items():
+        assert torch.equal(tensor, _weights(tmp_path / "checkpoints" / "epoch_0003")[name]), name
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(full_run, tiny, tmp_path):
+    config, recorder, result, out = full_run
+    crashing = config.with_overrides({"train.fail_at_epoch": 3})
+    first = Recorder()
+    with pytest.raises(RuntimeError, match="train.fail_at_epoch == 3"):
+        train(crashing, first, out_dir=tmp_path)
+    assert [int(m["epoch"]) for m, _ in first.calls] == [1, 2]
+    directory, _ = latest_valid_checkpoint(tmp_path / "checkpoints")
+    assert directory.name == "epoch_0002"
+    second = Recorder()
+    resumed = train(crashing, second, out_dir=tmp_path, resume_from=directory)  # hook is off now
+    assert [int(m["epoch"]) for m, _ in second.calls] == [3]
+    assert second.calls[0][0]["train.loss_total"] == pytest.approx(recorder.calls[2][0]["train.loss_total"], rel=1e-5)
+    expected = _weights(out / "checkpoints" / "epoch_0003")
+    for name, tensor in _weights(resumed.checkpoint_dir).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6)
+    assert resumed.metrics["test.dice_mean"] == pytest.approx(result.metrics["test.dice_mean"], abs=1e-6)
+
+
+def test_nan_loss_stops_with_epoch_step_and_component(tiny, tmp_path):
+    config = tiny(train__nan_at_epoch=2, train__epochs=2, variant="baseline")
+    recorder = Recorder()
+    with pytest.raises(DivergenceError, match=r"non-finite at epoch 2, step 1: dice=nan"):
+        train(config, recorder, out_dir=tmp_path)
+    assert [int(m["epoch"]) for m, _ in recorder.calls] == [1]
+    assert issubclass(DivergenceError, ValueError)
+
+
+def test_resume_from_other_backbone_or_corrupt_checkpoint(full_run, tiny, tmp_path):
+    config, *_ , out = full_run
+    directory = out / "checkpoints" / "epoch_0003"
+    with pytest.raises(ValueError, match="trained with backbone 'vxm', but the config asks for backbone 'seed'"):
+        train(config.with_overrides({"model.backbone": "seed"}), out_dir=tmp_path, resume_from=directory)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "state.pt").write_bytes((directory / "state.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="broken/state.pt' is truncated or corrupt"):
+        train(config, out_dir=tmp_path / "o", resume_from=broken)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variant", "nonsense"], "unknown variant 'nonsense'"),
+    (["--epochs", "0"], "train.epochs == 0, must be >= 1"),
+    (["--set", "train.lr=-1"], "train.lr == -1.0, must be > 0"),
+    (["--set", "train.precision=amp"], "train.precision == 'amp' needs a CUDA device"),
+    (["--set", "model.nonsense=3"], "unknown config key 'model.nonsense'"),
+    (["--set", "noequals"], "--set 'noequals', expected key=value"),
+    (["--data-dir", "/does/not/exist"], "--data-dir '/does/not/exist' is not a directory"),
+    (["--config", "/does/not/exist.json"], "--config '/does/not/exist.json' does not exist"),
+    (["--resume", "/does/not/exist"], "checkpoint '/does/not/exist' does not exist"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+])
+def test_command_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
+    from regcore.cli import run_cli
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, ["--out-dir", str(out), "--no-progress", *argv], prog="regcore.train")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_command_runs_and_writes_outputs(tiny, embedded_dir, tmp_path, capsys):
+    from regcore.cli import run_cli
+
+    out = tmp_path / "run"
+    argv = ["--variant", "regloss", "--epochs", "1", "--seed", "2", "--out-dir", str(out),
+            "--no-progress", "--set", f"data.embedded_dir={embedded_dir}"]
+    argv += [x for k, v in TINY.items() if k != "train.epochs"
+             for x in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, argv)
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert "test.dice_mean" in printed
+    for name in ("per_pair.csv", "example.npz", "metrics.json", "checkpoints/epoch_0001/state.pt"):
+        assert (out / name).is_file(), name
