@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 import warnings
 
 import nibabel as nib
@@ -255,3 +257,17 @@ def test_embedded_cohort_through_load_cohort(tmp_path):
     item = PairDataset(cohort, "test")[0]
     assert item["has_true_ddf"] is True and item["true_ddf_vox"].shape == (3, 16, 16, 16)
     assert item["spacing_mm"][0] == item["spacing_mm"][1] == item["spacing_mm"][2]  # isotropic
+    # subject-to-subject pairs of the same (reused) build have no known ground truth
+    pairs = load_cohort(dataclasses.replace(c, pairing="subject", n_val=0))
+    assert pairs.root == cohort.root
+    item = PairDataset(pairs, "test")[0]
+    assert item["has_true_ddf"] is False and "true_ddf_vox" not in item
+
+
+def test_cohort_pickles_without_its_cache(neurite):
+    """DataLoader workers receive the cohort by pickle: no cached arrays travel, loading works."""
+    cohort = load_cohort(cfg(neurite))
+    volume = cohort.load(SUBJECTS[0])
+    clone = pickle.loads(pickle.dumps(cohort))
+    assert clone._cache == {} and clone._pinned == {}
+    np.testing.assert_array_equal(clone.load(SUBJECTS[0]).seg4, volume.seg4)
