@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import direction, outcome_columns
+from analysis.metrics import direction, family, outcome_columns
 from analysis.stats import bootstrap_ci, holm, paired_test, spearman
 from regcore.variants import BASELINE, VARIANTS, variant_for
 
@@ -105,7 +105,8 @@ def improvements(per_pair: pd.DataFrame, metrics=None, *, baseline: str = BASELI
     Sign-aware: improvement = 100 (variant - baseline) / |baseline| when higher is better and
     100 (baseline - variant) / |baseline| when lower is better, so a positive number is always
     better. NaN where the baseline's mean is 0. The p-value (sign-flip permutation test of the
-    per-subject differences) is Holm-corrected across metrics within each variant.
+    per-subject differences) is Holm-corrected across the metrics of one family
+    (`analysis.metrics.family`) within each variant.
     """
     ablation = _ablation(per_pair)
     rows = []
@@ -132,10 +133,15 @@ def improvements(per_pair: pd.DataFrame, metrics=None, *, baseline: str = BASELI
             })
     out = pd.DataFrame(rows, columns=["variant", "metric", "n_subjects", "baseline_mean",
                                       "variant_mean", "improvement_pct", "ci_lo", "ci_hi", "p"])
-    out["p_holm"] = np.nan
-    for variant, index in out.groupby("variant").groups.items():
-        out.loc[index, "p_holm"] = holm(out.loc[index, "p"].to_numpy())
-    return out
+    return _holm_by(out, "variant")
+
+
+def _holm_by(table: pd.DataFrame, key: str) -> pd.DataFrame:
+    """Add `family` and `p_holm`: Holm across the metrics of one family, per value of `key`."""
+    table = table.assign(family=[family(m) for m in table["metric"]], p_holm=np.nan)
+    for _, index in table.groupby([key, "family"]).groups.items():
+        table.loc[index, "p_holm"] = holm(table.loc[index, "p"].to_numpy())
+    return table
 
 
 def _cells(per_pair: pd.DataFrame, metric: str) -> np.ndarray | None:
@@ -181,8 +187,9 @@ def factorial_effects(per_pair: pd.DataFrame, metrics=None, *, seed: int = 0,
     """Main effects of affine and regularize and their interaction, per metric.
 
     Columns: effect, metric, n_subjects, estimate (metric units: mean over subjects of the
-    per-subject effect), ci_lo, ci_hi (95 % bootstrap over subjects), p (sign-flip permutation test
-    of the per-subject effects), p_holm (Holm across metrics, within each effect), verdict.
+    per-subject effect), ci_lo, ci_hi (95 % bootstrap over subjects), p (sign-flip permutation
+    test of the per-subject effects), family, p_holm (Holm across the metrics of one family,
+    within each effect), verdict.
     Empty when one of the four cells has no trial.
     """
     ablation = _ablation(per_pair)
@@ -202,9 +209,7 @@ def factorial_effects(per_pair: pd.DataFrame, metrics=None, *, seed: int = 0,
             })
     out = pd.DataFrame(rows, columns=["effect", "metric", "n_subjects", "estimate", "ci_lo",
                                       "ci_hi", "p"])
-    out["p_holm"] = np.nan
-    for _, index in out.groupby("effect").groups.items():
-        out.loc[index, "p_holm"] = holm(out.loc[index, "p"].to_numpy())
+    out = _holm_by(out, "effect")
     out["verdict"] = [
         effect_verdict(r.effect, r.estimate, (r.ci_lo, r.ci_hi), r.p_holm, r.metric, alpha)
         for r in out.itertuples()

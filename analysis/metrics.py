@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["MetricSpec", "METRICS", "KEY_METRICS", "direction", "spec", "outcome_columns"]
+from regcore.metrics import SEG4_LABELS
+
+__all__ = ["MetricSpec", "METRICS", "KEY_METRICS", "direction", "spec", "outcome_columns",
+           "family"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,10 @@ class MetricSpec:
     unit: str  # "" when unitless
     label: str
     definition: str  # one sentence
+    #: Primary metrics form one family for Holm's correction; secondary ones (per-label Dice,
+    #: other units or re-expressions of a primary metric) another, so that redundant columns
+    #: do not dilute the tests of the distinct outcomes.
+    primary: bool = True
 
 
 def _dice_label(label: str) -> MetricSpec:
@@ -26,7 +33,7 @@ def _dice_label(label: str) -> MetricSpec:
     return MetricSpec(
         f"dice_{label}", +1, "", f"Dice {pretty}",
         f"Dice overlap of the {pretty} label between the fixed segmentation and the moving "
-        "segmentation warped with nearest-neighbour interpolation.",
+        "segmentation warped with nearest-neighbour interpolation.", primary=False,
     )
 
 
@@ -35,7 +42,7 @@ _SPECS: tuple[MetricSpec, ...] = (
                "Dice overlap per foreground label (background excluded) between the fixed "
                "segmentation and the nearest-neighbour-warped moving segmentation, averaged "
                "over labels."),
-    *(_dice_label(label) for label in ("cortex", "subcortical", "white_matter", "csf")),
+    *(_dice_label(label) for label in SEG4_LABELS.values()),
     MetricSpec("hd95_mm", -1, "mm", "HD95",
                "95th percentile of the symmetric surface distance between fixed and warped "
                "labels, in mm, averaged over labels."),
@@ -46,29 +53,34 @@ _SPECS: tuple[MetricSpec, ...] = (
                "Standard deviation over voxels of the log Jacobian determinant (determinant "
                "clipped to a small positive value)."),
     MetricSpec("true_error_mm", -1, "mm", "True-deformation error",
-               "Mean distance in mm between the predicted and the known atlas-to-subject "
-               "displacement (only where the data carries a ground-truth deformation)."),
+               "Mean over the fixed image's brain mask of the distance in mm between the "
+               "predicted and the known atlas-to-subject displacement (only where the data "
+               "carries a ground-truth deformation)."),
     MetricSpec("mse_improvement_pct", +1, "%", "MSE improvement",
-               "Relative reduction of the mean squared error between moving and fixed "
-               "images by registration: 100 (MSE before - MSE after) / MSE before."),
+               "Relative reduction by registration of the mean squared error over all voxels "
+               "between moving and fixed images: 100 (MSE before - MSE after) / MSE before."),
     MetricSpec("ncc_improvement_pct", +1, "%", "NCC improvement",
-               "Relative change of the normalised cross-correlation between moving and fixed "
-               "images by registration, in percent of the NCC before."),
+               "Relative change by registration of the global normalised cross-correlation "
+               "(Pearson over all voxels) with the fixed image: 100 (NCC after - NCC before) "
+               "/ |NCC before|."),
     MetricSpec("ncc_gain", +1, "", "NCC gain",
-               "NCC between warped and fixed images minus NCC between moving and fixed images "
-               "(computed by the analysis from the per-pair ncc_after and ncc_before)."),
+               "Global NCC of warped and fixed images minus global NCC of moving and fixed "
+               "images (computed by the analysis from the per-pair ncc_after and ncc_before).",
+               primary=False),
     MetricSpec("disp_max_vox", -1, "vox", "Max displacement",
-               "Largest displacement magnitude of the total transform, in voxels."),
+               "Largest displacement length of the total transform over voxels, in voxels.",
+               primary=False),
     MetricSpec("disp_max_mm", -1, "mm", "Max displacement",
-               "Largest displacement magnitude of the total transform, in mm (voxel "
-               "displacement scaled by the spacing)."),
+               "Largest displacement length of the total transform over voxels, in mm (each "
+               "component scaled by its axis spacing)."),
     MetricSpec("disp_mean_vox", -1, "vox", "Mean displacement",
-               "Mean displacement magnitude of the total transform, in voxels."),
+               "Mean displacement length of the total transform, in voxels.", primary=False),
     MetricSpec("disp_mean_mm", -1, "mm", "Mean displacement",
-               "Mean displacement magnitude of the total transform, in mm."),
+               "Mean displacement length of the total transform, in mm.", primary=False),
     MetricSpec("plausibility", +1, "[0,1]", "Anatomical plausibility",
-               "Share in [0, 1] of the deformation judged anatomically plausible by "
-               "regcore.metrics.plausibility (non-folded, bounded displacement)."),
+               "(1 - f) exp(-SDlogJ) with f the fraction of folded voxels: 1 for a fold-free "
+               "volume-preserving field; it scores the regularity of the transform, not "
+               "anatomical correctness (regcore.metrics.plausibility)."),
     MetricSpec("inference_s", -1, "s", "Inference time",
                "Median wall time of one forward pass and warp per pair after a warm-up, in "
                "seconds."),
@@ -92,6 +104,11 @@ def spec(name: str) -> MetricSpec:
 def direction(name: str) -> int:
     """+1 when higher is better, -1 when lower is better."""
     return spec(name).direction
+
+
+def family(name: str) -> str:
+    """The Holm family of a metric: "primary" or "secondary"."""
+    return "primary" if spec(name).primary else "secondary"
 
 
 def outcome_columns(columns) -> list[str]:

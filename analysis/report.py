@@ -151,11 +151,15 @@ def _cell(value: object) -> str:
 
 
 def _num(value: float, digits: int = 3) -> str:
+    """`digits` decimals, more for small numbers so that two significant digits show."""
     if value is None or not np.isfinite(value):
         return "n/a"
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** (-digits)):
-        return f"{value:.{max(digits - 1, 1)}e}"
-    return f"{value:.{digits}f}"
+    if value == 0:
+        return f"{0:.{digits}f}"
+    if abs(value) >= 1e6 or abs(value) < 1e-6:
+        return f"{value:.2e}"
+    decimals = max(digits, int(-np.floor(np.log10(abs(value)))) + 1)
+    return f"{value:.{min(decimals, 7)}f}"
 
 
 def _p(value: float) -> str:
@@ -338,10 +342,16 @@ def _definitions(doc: Doc, a: Analysis) -> None:
     doc.items(items)
 
 
-def _effect_rows(sub: pd.DataFrame) -> list[list[str]]:
-    return [[spec(r.metric).label + f" ({r.metric})", _num(r.estimate, _digits(r.metric)),
+def _effect_rows(sub: pd.DataFrame, with_effect: bool = False) -> list[list[str]]:
+    return [[*([EFFECT_TITLES[r.effect]] if with_effect else []),
+             spec(r.metric).label + f" ({r.metric})", _num(r.estimate, _digits(r.metric)),
              _ci(r.ci_lo, r.ci_hi, _digits(r.metric)), _p(r.p), _p(r.p_holm), r.verdict]
             for r in sub.itertuples()]
+
+
+EFFECT_TITLES = {"affine": "Main effect of the affine stage",
+                 "regularize": "Main effect of the regularizers",
+                 "interaction": "Interaction (synergy)"}
 
 
 def _effects(doc: Doc, a: Analysis, figs: dict[str, Path], out: Path) -> None:
@@ -355,13 +365,18 @@ def _effects(doc: Doc, a: Analysis, figs: dict[str, Path], out: Path) -> None:
           "the regularizers likewise; interaction = (Combined (Enhanced) - Combined (Basic)) - "
           "(RegLoss UNet - Baseline UNet). Estimates are in the metric's units (mean over "
           "pairs). A positive synergy means the combination helps more than the sum of its "
-          "parts in the metric's good direction.")
+          "parts in the metric's good direction. Holm's correction runs across the primary "
+          "metrics below; the secondary ones (per-label Dice and re-expressions of a primary "
+          "metric in other units) form a family of their own.")
     header = ["metric", "estimate", f"{int(CI_LEVEL * 100)} % CI", "p", "p (Holm)", "verdict"]
-    for effect, title in (("affine", "Main effect of the affine stage"),
-                          ("regularize", "Main effect of the regularizers"),
-                          ("interaction", "Interaction (synergy)")):
+    primary = a.effects[a.effects["family"] == "primary"]
+    for effect, title in EFFECT_TITLES.items():
         doc.h(3, title)
-        doc.table(header, _effect_rows(a.effects[a.effects["effect"] == effect]))
+        doc.table(header, _effect_rows(primary[primary["effect"] == effect]))
+    secondary = a.effects[a.effects["family"] == "secondary"]
+    if not secondary.empty:
+        doc.h(3, "Secondary metrics")
+        doc.table(["effect", *header], _effect_rows(secondary, with_effect=True))
     figs["effects.png"] = figures.forest(a.effects, list(FOREST_METRICS), out / "effects.png")
     doc.figure("effects.png", "Main effects and interaction per metric with 95 % bootstrap "
                               "CIs; the vertical line is no effect.")
@@ -375,8 +390,8 @@ def _improvements(doc: Doc, a: Analysis) -> None:
     doc.p("Relative improvement over Baseline UNet, paired by test pair: 100 (variant - "
           "baseline) / |baseline| where higher is better and 100 (baseline - variant) / "
           "|baseline| where lower is better, so positive is always better; 95 % bootstrap CI "
-          "and Holm-corrected p (across metrics, per variant). n/a where the baseline's mean is "
-          "0.")
+          "and Holm-corrected p (per variant, across the metrics of a family: primary, "
+          "secondary). n/a where the baseline's mean is 0.")
     variants = [v for v in VARIANTS if v in set(a.improvements["variant"])]
     rows = []
     for metric in [m for m in a.metrics if m in set(a.improvements["metric"])]:
@@ -470,13 +485,14 @@ def _questions(doc: Doc, a: Analysis) -> None:
             bigger = f" The larger change of Dice comes from {who}."
         answers.append("1. Individual contributions of affine vs regularization: "
                        + "; ".join(parts) + "." + bigger)
-        inter = a.effects[a.effects["effect"] == "interaction"]
+        inter = a.effects[(a.effects["effect"] == "interaction")
+                          & (a.effects["family"] == "primary")]
         groups = {v: [spec(m).label for m in inter.loc[inter["verdict"] == v, "metric"]]
                   for v in ("positive synergy", "negative synergy", "no evidence of either")}
         answers.append(
             "2. Synergy: the interaction on Dice is "
             f"{_effect_sentence(a, 'interaction', 'dice_mean')}. Across the "
-            f"{len(inter)} metrics: positive synergy in "
+            f"{len(inter)} primary metrics: positive synergy in "
             f"{', '.join(groups['positive synergy']) or 'none'}; negative synergy in "
             f"{', '.join(groups['negative synergy']) or 'none'}; no evidence of either in "
             f"{len(groups['no evidence of either'])}.")

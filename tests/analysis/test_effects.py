@@ -112,3 +112,17 @@ def test_search_importance_finds_the_weight_that_matters():
     top = table.iloc[0]
     assert top.importance > 0.5 and top.spearman_rho > 0.9
     assert search_importance(trials.assign(group="ablation")).empty
+
+
+def test_holm_runs_within_each_family_of_metrics():
+    from analysis.stats import holm
+
+    effects = factorial_effects(make_per_pair())
+    inter = effects[effects["effect"] == "interaction"]
+    assert set(inter.loc[inter["metric"].str.startswith("dice_c"), "family"]) == {"secondary"}
+    for fam in ("primary", "secondary"):
+        rows = inter[inter["family"] == fam]
+        np.testing.assert_allclose(rows["p_holm"], holm(rows["p"].to_numpy()))
+    assert set(inter.loc[inter["family"] == "primary", "metric"]) == {
+        "dice_mean", "hd95_mm", "folding_pct", "sdlogj", "mse_improvement_pct",
+        "ncc_improvement_pct", "disp_max_mm", "plausibility", "inference_s"}
