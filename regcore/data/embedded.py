@@ -211,16 +211,24 @@ def _integrate(velocity_vox, steps: int):
     return ddf
 
 
+def _upsample(field: np.ndarray, shape) -> np.ndarray:
+    """(C, d, h, w) -> (C, *shape) linear, extent-preserving (the convention of
+    `volume.resample_array`: torch's align_corners=False, clamped at the border)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = F.interpolate(torch.from_numpy(np.ascontiguousarray(field, np.float32))[None],
+                        size=tuple(shape), mode="trilinear", align_corners=False)
+    return out[0].numpy()
+
+
 def _smooth_noise(rng: np.random.Generator, shape, channels: int, sigma_vox: float) -> np.ndarray:
     """(channels, *shape) smooth noise, peak |value| 1: Gaussian noise on a 4x coarser grid,
     smoothed there, then upsampled linearly."""
     coarse = tuple(max(4, int(math.ceil(n / 4))) for n in shape)
-    out = []
-    for _ in range(channels):
-        noise = ndimage.gaussian_filter(rng.standard_normal(coarse), max(sigma_vox / 4, 0.5),
-                                        mode="reflect")
-        out.append(resample_array(noise.astype(np.float32), shape, order=1))
-    field = np.stack(out)
+    noise = np.stack([ndimage.gaussian_filter(rng.standard_normal(coarse), max(sigma_vox / 4, 0.5),
+                                              mode="reflect") for _ in range(channels)])
+    field = _upsample(noise, shape)
     return field / max(float(np.abs(field).max()), 1e-8)
 
 
@@ -255,8 +263,7 @@ def _true_ddf(rng, p: EmbeddedParams, shape, spacing_mm: float):
     velocity *= rng.uniform(0.5, 1.0) * p.max_velocity_mm / spacing_mm
     velocity /= factor.reshape(3, 1, 1, 1)  # voxels of the coarse grid
     w_half = _integrate(torch.from_numpy(velocity.astype(np.float32)), p.int_steps).numpy()
-    w = torch.from_numpy(np.stack([resample_array(w_half[k], shape, order=1) * factor[k]
-                                   for k in range(3)]).astype(np.float32))
+    w = torch.from_numpy(_upsample(w_half, shape) * factor.reshape(3, 1, 1, 1).astype(np.float32))
     a, t, record = _random_affine(rng, p, spacing_mm)
     centre = (torch.tensor(shape, dtype=torch.float32) - 1) / 2
     x = _identity(shape)
