@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from regcore.spatial import jacobian_det
 
@@ -130,10 +131,14 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def _directed_distances_mm(from_surface: np.ndarray, to_surface: np.ndarray,
-                           spacing: np.ndarray) -> np.ndarray:
-    distance_to = ndimage.distance_transform_edt(~to_surface, sampling=spacing)
-    return distance_to[from_surface]
+def _surface_points_mm(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    return np.argwhere(_surface(mask)) * spacing  # (N, 3) positions in mm
+
+
+def _directed_distances_mm(from_points_mm: np.ndarray, to_points_mm: np.ndarray) -> np.ndarray:
+    # exact Euclidean nearest-neighbour distances; a k-d tree over the surface voxels is much
+    # faster than a distance transform of the whole volume (the same numbers: see the tests)
+    return cKDTree(to_points_mm).query(from_points_mm, k=1)[0]
 
 
 def hd95_mm(warped_seg: Any, fixed_seg: Any,
@@ -142,8 +147,10 @@ def hd95_mm(warped_seg: Any, fixed_seg: Any,
     """95th-percentile symmetric Hausdorff distance in mm, averaged over labels.
 
     Per label: surfaces by erosion (6-connectivity), Euclidean distances in mm from each surface
-    voxel of one map to the nearest surface voxel of the other (`distance_transform_edt` with
-    `sampling=spacing_mm`), the 95th percentile of each direction, and the larger of the two (as
+    voxel of one map to the nearest surface voxel of the other (exact nearest neighbours with
+    voxel positions scaled by `spacing_mm`; equal to `distance_transform_edt(...,
+    sampling=spacing_mm)` at the surface voxels), the 95th percentile of each direction, and
+    the larger of the two (as
     MONAI's `compute_hausdorff_distance(percentile=95)` and the `surface_distance` package do).
     A label missing from either map is skipped (NaN); the mean is over the remaining labels
     (NaN if none).
@@ -157,9 +164,9 @@ def hd95_mm(warped_seg: Any, fixed_seg: Any,
         in_a, in_b = a == label, b == label
         if not in_a.any() or not in_b.any():
             continue
-        surf_a, surf_b = _surface(in_a), _surface(in_b)
-        d_ab = _directed_distances_mm(surf_a, surf_b, spacing)
-        d_ba = _directed_distances_mm(surf_b, surf_a, spacing)
+        points_a, points_b = _surface_points_mm(in_a, spacing), _surface_points_mm(in_b, spacing)
+        d_ab = _directed_distances_mm(points_a, points_b)
+        d_ba = _directed_distances_mm(points_b, points_a)
         values.append(max(np.percentile(d_ab, percentile), np.percentile(d_ba, percentile)))
     return float(np.mean(values)) if values else float("nan")
 
@@ -245,14 +252,15 @@ def global_ncc(a: Any, b: Any) -> float:
     """Pearson correlation of all voxels of `a` and `b` (NaN if either is constant)."""
     x, y = _pair(a, b, ("a", "b"))
     x, y = x.ravel() - x.mean(), y.ravel() - y.mean()
-    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    return float((x * y).sum() / denom) if denom > 0 else float("nan")
+    denom = math.sqrt(float(x @ x) * float(y @ y))
+    return float(x @ y) / denom if denom > 0 else float("nan")
 
 
 def mse(a: Any, b: Any) -> float:
     """Mean squared difference over all voxels."""
     x, y = _pair(a, b, ("a", "b"))
-    return float(np.mean((x - y) ** 2))
+    diff = (x - y).ravel()
+    return float(diff @ diff) / diff.size if diff.size else float("nan")
 
 
 # --- one pair ----------------------------------------------------------------------------------

@@ -254,6 +254,15 @@ def test_jacobian_axis_convention():
     torch.testing.assert_close(det, torch.full_like(det, 2.0))
 
 
+def test_jacobian_matches_torch_gradient_stencil():
+    # Oracle: the determinant of I + torch.gradient(u) (central inside, one-sided at borders),
+    # assembled as a batch of 3x3 matrices and passed to torch.linalg.det.
+    u = make_smooth_field(SHAPE, amplitude_vox=2.0, seed=11, batch=2)
+    grads = torch.stack(torch.gradient(u, dim=(2, 3, 4)), dim=2)  # (B, c, k, D, H, W)
+    jac = grads.permute(0, 3, 4, 5, 1, 2) + torch.eye(3, dtype=u.dtype)
+    torch.testing.assert_close(jacobian_det(u), torch.linalg.det(jac), atol=1e-12, rtol=1e-12)
+
+
 def test_jacobian_is_differentiable():
     u = make_smooth_field(SHAPE, seed=10).requires_grad_(True)
     jacobian_det(u).sum().backward()
