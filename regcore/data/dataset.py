@@ -219,6 +219,10 @@ def load_cohort(data_cfg, *, split_dir: str | Path | None = None, cache_size: in
                 raise ValueError(f"data.{key} == {n}, must be >= 2 with data.pairing 'subject' "
                                  f"(a pair needs two subjects){' or 0' if key == 'n_val' else ''}")
     split, split_path = _load_or_make_split(root, data_cfg, ids, atlas_id, split_dir)
+    if data_cfg.pairing == "subject" and len(split["train"]) < 2:
+        raise ValueError(
+            f"data.n_test + data.n_val == {data_cfg.n_test} + {data_cfg.n_val} leave one training "
+            f"subject of {len(ids)}, expected at least two with data.pairing 'subject'")
     gt_atlas_id = None
     info_path = root / COHORT_FILE if root.is_dir() else None
     if info_path is not None and info_path.is_file():

@@ -222,6 +222,9 @@ def test_subject_pairs_stay_within_their_split(neurite):
         assert cohort.pairs(split) == pairs  # seeded
     with pytest.raises(ValueError, match=r"^data.n_val == 1, must be >= 2 with data.pairing"):
         load_cohort(cfg(neurite, pairing="subject", n_val=1))
+    with pytest.raises(ValueError, match=r"^data.n_test \+ data.n_val == 4 \+ 2 leave one "
+                                         r"training subject of 7"):
+        load_cohort(cfg(neurite, pairing="subject", atlas="none", n_test=4, n_val=2))
 
 
 def test_cache_is_bounded_and_keeps_the_atlas(neurite):
