@@ -426,11 +426,19 @@ def _trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row = {"group": part, "trial_id": result.metrics.get("trial_id", trial_id),
                    "variant": config.get("variant"), "seed": config.get("seed"),
                    "status": "FAILED" if result.error else "FINISHED",
-                   "error": " ".join(str(result.error).split())[:300] if result.error else ""}
+                   "error": _last_line(result.error)}
             row.update({k: v for k, v in result.metrics.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
             rows.append(row)
     return rows
+
+
+def _last_line(error: BaseException | None) -> str:
+    """The exception line of a Tune error (its text is a remote traceback)."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
 
 
 SUMMARY_METRICS = ("test.dice_mean", "test.hd95_mm", "test.folding_pct", "test.sdlogj",
@@ -446,10 +454,18 @@ def summary_table(rows: list[dict[str, Any]]):
         return frame
     cols = [c for c in SUMMARY_METRICS if c in frame.columns]
     ok = frame[frame["status"] == "FINISHED"]
-    table = ok.groupby("variant")[cols].agg(["mean", "std"]) if cols else pd.DataFrame()
     counts = frame.groupby("variant")["status"].agg(
         trials="count", failed=lambda s: int((s == "FAILED").sum()))
-    return counts.join(table) if not table.empty else counts
+    if not cols or ok.empty:
+        return counts
+    grouped = ok.groupby("variant")[cols]
+    mean, sd = grouped.mean(), grouped.std()
+    table = pd.DataFrame(index=mean.index)
+    for col in cols:
+        table[col.removeprefix("test.")] = [
+            f"{m:.4g}" + ("" if sd_ != sd_ else f" ± {sd_:.2g}")  # sd is NaN for one seed
+            for m, sd_ in zip(mean[col], sd[col])]
+    return counts.join(table)
 
 
 def _build_report(plan: SweepPlan, tracking_uri: str, out_dir: Path) -> Path:

@@ -8,6 +8,7 @@ and fails with one line (exit 2) instead of hanging.
 from __future__ import annotations
 
 import os
+import sys
 
 from regcore.cli import UsageError
 
@@ -26,8 +27,16 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
                   configure_logging=True, logging_level="warning")
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+        return
+    for attempt in (1, 2, 3):
+        try:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
+            return
+        except Exception as error:  # Ray waits only 30 s for its raylet: a loaded machine
+            if attempt == 3 or "timed out during startup" not in str(error):
+                raise
+            print(f"Ray did not start in time ({error}); trying once more", file=sys.stderr)
+            ray.shutdown()
 
 
 def _alive_nodes() -> list[dict[str, float]]:

@@ -68,7 +68,10 @@ class SweepEnv:
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
         self.env.update({MARK: self.mark, "RAY_TMPDIR": str(self.ray_tmp),
-                         "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0",
+                         "PYTHONPATH": os.pathsep.join(
+                             [str(REPO)] + ([os.environ["PYTHONPATH"]]
+                                            if os.environ.get("PYTHONPATH") else [])),
+                         "RAY_DEDUP_LOGS": "0",
                          "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"})
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.embedded_dir = embedded_dir
