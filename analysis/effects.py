@@ -219,7 +219,7 @@ def factorial_effects(per_pair: pd.DataFrame, metrics=None, *, seed: int = 0,
 
 # -- the regularizer-weight search -----------------------------------------------------------
 
-_NOT_SEARCHED = {"cfg.seed", "cfg.variant", "cfg.data.split_seed"}
+_NOT_SEARCHED = {"cfg.seed", "cfg.data.split_seed"}
 
 
 def search_trials(trials: pd.DataFrame) -> pd.DataFrame:
@@ -227,15 +227,22 @@ def search_trials(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[(trials["group"] == "search") & (trials["status"] == "FINISHED")]
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _searched_params(trials: pd.DataFrame) -> list[str]:
-    """Numeric `cfg.*` columns that vary across the given trials."""
+    """`cfg.*` columns that vary across the given trials: numbers, and the variant (the
+    search may choose among the regularizing variants)."""
     names = []
     for column in trials.columns:
         if not column.startswith("cfg.") or column in _NOT_SEARCHED:
             continue
         values = trials[column]
-        if values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all() \
-                and values.astype(float).nunique() > 1:
+        if column == "cfg.variant":
+            if values.nunique() > 1:
+                names.append(column)
+        elif values.map(_is_number).all() and values.astype(float).nunique() > 1:
             names.append(column)
     return names
 
@@ -243,19 +250,22 @@ def _searched_params(trials: pd.DataFrame) -> list[str]:
 def _optuna_importance(trials: pd.DataFrame, params: list[str], objective: str,
                        maximize: bool) -> tuple[dict[str, float], str]:
     import optuna
-    from optuna.distributions import FloatDistribution
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize" if maximize else "minimize")
     dists = {}
     for p in params:
+        if p == "cfg.variant":
+            dists[p] = CategoricalDistribution(sorted(trials[p].unique()))
+            continue
         values = trials[p].astype(float)
         lo, hi = float(values.min()), float(values.max())
         dists[p] = FloatDistribution(lo, hi, log=lo > 0)
     for _, row in trials.iterrows():
         study.add_trial(optuna.trial.create_trial(
-            params={p: float(row[p]) for p in params}, distributions=dists,
-            value=float(row[objective])))
+            params={p: row[p] if p == "cfg.variant" else float(row[p]) for p in params},
+            distributions=dists, value=float(row[objective])))
     try:
         from optuna.importance import FanovaImportanceEvaluator
 
@@ -289,7 +299,8 @@ def search_importance(trials: pd.DataFrame, objective: str = "test.dice_mean") -
                                                 maximize=direction(metric) > 0)
     rows = []
     for p in params:
-        rho, p_value = spearman(search[p].astype(float), search[objective].astype(float))
+        rho, p_value = ((float("nan"), float("nan")) if p == "cfg.variant" else
+                        spearman(search[p].astype(float), search[objective].astype(float)))
         rows.append({"param": p.removeprefix("cfg."), "importance": importance.get(p, np.nan),
                      "method": method, "spearman_rho": rho, "spearman_p": p_value})
     out = pd.DataFrame(rows, columns=["param", "importance", "method", "spearman_rho",

@@ -162,6 +162,10 @@ def _num(value: float, digits: int = 3) -> str:
     return f"{value:.{min(decimals, 7)}f}"
 
 
+def _pct(value: float) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1f}"
+
+
 def _p(value: float) -> str:
     if value is None or not np.isfinite(value):
         return "n/a"
@@ -255,8 +259,10 @@ def _provenance(doc: Doc, a: Analysis) -> None:
         f"Statistics: subjects (test pairs) are the resampling unit, seeds are averaged per "
         f"subject first; {int(CI_LEVEL * 100)} % percentile bootstrap CIs with {N_RESAMPLES} "
         f"seeded resamples; two-sided sign-flip permutation tests (exact up to 16 subjects); "
-        f"p-values Holm-corrected across metrics; evidence needs corrected p < {fx.ALPHA} and "
-        f"a CI excluding 0.",
+        f"p-values Holm-corrected across metrics (primary and secondary metrics as separate "
+        f"families); evidence needs corrected p < {fx.ALPHA} and a CI excluding 0. With n "
+        f"subjects the smallest possible p is 2 / 2^n (n = {n_pairs}: "
+        f"{_p(min(1.0, 2.0 / 2 ** n_pairs)) if n_pairs else 'n/a'}).",
         f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
     ])
     counts = s.trials.groupby(["group", "variant"], sort=False).agg(
@@ -403,8 +409,12 @@ def _improvements(doc: Doc, a: Analysis) -> None:
                 cells.append("n/a")
                 continue
             r = r.iloc[0]
-            cells.append(f"{_num(r.improvement_pct, 1)} % {_ci(r.ci_lo, r.ci_hi, 1)}, "
-                         f"p {_p(r.p_holm)}")
+            if not np.isfinite(r.improvement_pct):
+                cells.append("n/a")
+                continue
+            ci = (f"[{_pct(r.ci_lo)}, {_pct(r.ci_hi)}]" if np.isfinite(r.ci_lo)
+                  and np.isfinite(r.ci_hi) else "n/a")
+            cells.append(f"{_pct(r.improvement_pct)} % {ci}, p {_p(r.p_holm)}")
         rows.append([f"{spec(metric).label} ({metric})", *cells])
     doc.table(["metric", *(_label(v) for v in variants)], rows)
 
@@ -434,7 +444,8 @@ def _search(doc: Doc, a: Analysis, figs: dict[str, Path], out: Path) -> None:
           f"{len(search)} trials are not dominated.")
     doc.table(["run", "test Dice", "folding %", *(p.removeprefix("cfg.") for p in params)],
               [[r["run_name"], _num(r["test.dice_mean"], 4), _num(r["test.folding_pct"], 3),
-                *(_num(float(r[p]), 4) for p in params)] for _, r in on.iterrows()])
+                *(_num(float(r[p]), 4) if fx._is_number(r[p]) else str(r[p]) for p in params)]
+               for _, r in on.iterrows()])
     ablation = a.sweep.finished[a.sweep.finished["group"] == "ablation"]
     figs["search_front.png"] = figures.search_front(search, a.front, ablation,
                                                     out / "search_front.png")
@@ -480,9 +491,16 @@ def _questions(doc: Doc, a: Analysis) -> None:
         bigger = ""
         ra, rr = _effect(a, "affine", "dice_mean"), _effect(a, "regularize", "dice_mean")
         if ra is not None and rr is not None:
-            who = "the affine stage" if abs(ra.estimate) > abs(rr.estimate) else \
-                "the regularizers"
-            bigger = f" The larger change of Dice comes from {who}."
+            evident = [n for n, r in (("the affine stage", ra), ("the regularizers", rr))
+                       if r.verdict != "no evidence of an effect"]
+            if abs(ra.estimate) == abs(rr.estimate):
+                bigger = " Both change Dice by the same amount."
+            else:
+                who = ("the affine stage" if abs(ra.estimate) > abs(rr.estimate)
+                       else "the regularizers")
+                bigger = f" The larger change of Dice in magnitude comes from {who}"
+                bigger += (f"; evidence of an effect on Dice for {' and '.join(evident)}."
+                           if evident else ", but neither effect on Dice has evidence.")
         answers.append("1. Individual contributions of affine vs regularization: "
                        + "; ".join(parts) + "." + bigger)
         inter = a.effects[(a.effects["effect"] == "interaction")
@@ -525,13 +543,14 @@ def _balance(a: Analysis) -> str:
                          index=variants)
     front = fx.pareto_front(table)
     on = table[front].sort_values("test.dice_mean", ascending=False)
-    best_dice = table["test.dice_mean"].idxmax()
-    least_fold = table["test.folding_pct"].idxmin()
+    dice, fold = table["test.dice_mean"], table["test.folding_pct"]
+    best_dice = [v for v in variants if dice[v] == dice.max()]
+    least_fold = [v for v in variants if fold[v] == fold.min()]
     text = (f"among the variants, {', '.join(_label(v) for v in on.index)} "
             f"{'is' if len(on) == 1 else 'are'} not dominated in (Dice higher, folding lower). "
-            f"Highest Dice: {_label(best_dice)} ({_num(table.loc[best_dice, 'test.dice_mean'], 4)}"
-            f"); least folding: {_label(least_fold)} "
-            f"({_num(table.loc[least_fold, 'test.folding_pct'], 3)} %).")
+            f"Highest mean Dice: {', '.join(map(_label, best_dice))} "
+            f"({_num(dice.max(), 4)}); least mean folding: "
+            f"{', '.join(map(_label, least_fold))} ({_num(fold.min(), 3)} %).")
     if len(on) == 1:
         text += f" {_label(on.index[0])} gives the best balance in this sweep."
     else:

@@ -126,3 +126,16 @@ def test_holm_runs_within_each_family_of_metrics():
     assert set(inter.loc[inter["family"] == "primary", "metric"]) == {
         "dice_mean", "hd95_mm", "folding_pct", "sdlogj", "mse_improvement_pct",
         "ncc_improvement_pct", "disp_max_mm", "plausibility", "inference_s"}
+
+
+def test_search_importance_includes_a_searched_variant():
+    trials = pd.DataFrame({
+        "group": "search", "status": "FINISHED",
+        "cfg.variant": ["regloss", "combined_enhanced"] * 3,
+        "cfg.loss.smooth_weight": 0.01, "cfg.seed": 0,
+        "test.dice_mean": [0.6, 0.8, 0.61, 0.79, 0.6, 0.8],
+    })
+    table = search_importance(trials)
+    assert table["param"].tolist() == ["variant"]
+    assert table.iloc[0].importance == pytest.approx(1.0)
+    assert np.isnan(table.iloc[0].spearman_rho)
