@@ -66,7 +66,9 @@ class PairData:
 
     def batch(self, split: str, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(moving, fixed), each (B, C, D, H, W) float32 on the device."""
-        items = [self.sets[split][i] for i in indices]
+        return self.collate([self.sets[split][i] for i in indices])
+
+    def collate(self, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         moving = torch.stack([item["moving"] for item in items])
         fixed = torch.stack([item["fixed"] for item in items])
         return self.to_device(moving), self.to_device(fixed)
@@ -122,7 +124,7 @@ def validate(model: torch.nn.Module, data: PairData, config: Config,
     dice, folding = [], []
     for index in range(n):
         item = data.item("val", index)
-        moving, fixed = data.batch("val", [index])
+        moving, fixed = data.collate([item])
         output = _forward(model, moving, fixed, config, device)
         ddf = output.total_ddf_vox.float()
         warped = warp_labels(item["moving_seg"][None].to(device), ddf)[0].cpu()
@@ -159,7 +161,7 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
     example_path = None
     for index, (moving_id, fixed_id) in enumerate(data.test_pairs):
         item = data.item("test", index)
-        moving_in, fixed_in = data.batch("test", [index])
+        moving_in, fixed_in = data.collate([item])
         if index == 0:  # one untimed pass: allocator, cudnn autotuning, lazy initialisation
             _forward(model, moving_in, fixed_in, config, device)
         output, seconds = timed_forward(model, moving_in, fixed_in, config, device,

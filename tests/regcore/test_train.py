@@ -191,13 +191,19 @@ def test_command_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_pa
 
 
 def test_command_runs_and_writes_outputs(tiny, embedded_dir, tmp_path, capsys):
+    """--config file + flags + --set; bf16 autocast on the CPU; a split without validation
+    pairs reports no val.* metrics instead of failing."""
+    import json
+
     from regcore.cli import run_cli
 
     out = tmp_path / "run"
-    argv = ["--variant", "regloss", "--epochs", "1", "--seed", "2", "--out-dir", str(out),
-            "--no-progress", "--set", f"data.embedded_dir={embedded_dir}"]
-    argv += [x for k, v in TINY.items() if k != "train.epochs"
-             for x in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}")]
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**TINY, "variant": "baseline", "data.n_val": 0,
+                                       "data.embedded_dir": embedded_dir,
+                                       "train.precision": "bf16"}))
+    argv = ["--config", str(config_file), "--variant", "regloss", "--epochs", "1", "--seed", "2",
+            "--out-dir", str(out), "--no-progress", "--set", "train.steps_per_epoch=1"]
     with pytest.raises(SystemExit) as stop:
         run_cli(main, argv)
     assert stop.value.code == 0
@@ -205,3 +211,24 @@ def test_command_runs_and_writes_outputs(tiny, embedded_dir, tmp_path, capsys):
     assert "test.dice_mean" in printed
     for name in ("per_pair.csv", "example.npz", "metrics.json", "checkpoints/epoch_0001/state.pt"):
         assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["config"]["variant"] == "regloss" and saved["config"]["seed"] == 2
+    assert saved["config"]["train.precision"] == "bf16"
+    metrics = saved["metrics"]
+    assert not any(key.startswith("val.") for key in metrics)
+    assert np.isfinite(metrics["train.loss_total"]) and np.isfinite(metrics["test.dice_mean"])
+
+
+def test_command_resume_from_other_backbone_exit_2(full_run, tmp_path, capsys):
+    from regcore.cli import run_cli
+
+    _, _, result, _ = full_run
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, ["--resume", str(result.checkpoint_dir), "--set", "model.backbone=seed",
+                       "--out-dir", str(out), "--no-progress"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "backbone 'vxm'" in err and "backbone 'seed'" in err
+    assert not out.exists()
