@@ -7,10 +7,9 @@ demand, resampled to `data.shape` and kept in a bounded LRU cache (the atlas is 
 
 Split: the subjects other than the atlas are permuted with `data.split_seed`; the first `n_test`
 are the test set, the next `n_val` the validation set, the rest (and the atlas) the training set.
-The atlas is never in the test or validation set. The split is saved (atomically) as JSON in the
-data folder, named by its parameters, and reused while its parameters and subject list match;
-where the data folder is read-only it goes to `split_dir`, else it is kept in memory (a warning
-says so).
+The atlas is never in the test or validation set. The split is saved (atomically) as JSON, named
+by its parameters, in `split_dir` when given, else in the data folder (a read-only one: kept in
+memory, with a warning), and reused while its parameters and subject list match.
 
 Pairs: `pairing="atlas"`: (atlas, subject) for every subject of the split other than the atlas.
 `pairing="subject"`: every subject of the split is the fixed image once, its moving image drawn
@@ -213,11 +212,12 @@ def load_cohort(data_cfg, *, split_dir: str | Path | None = None, cache_size: in
         except ValueError:
             atlas_id = None  # subject-to-subject pairs need no atlas
     if data_cfg.pairing == "subject":
-        for key in ("n_test", "n_val"):
-            n = getattr(data_cfg, key)
-            if key == "n_test" and n < 2 or key == "n_val" and n == 1:
-                raise ValueError(f"data.{key} == {n}, must be >= 2 with data.pairing 'subject' "
-                                 f"(a pair needs two subjects){' or 0' if key == 'n_val' else ''}")
+        if data_cfg.n_test < 2:
+            raise ValueError(f"data.n_test == {data_cfg.n_test}, must be >= 2 with data.pairing "
+                             "'subject' (a pair needs two subjects)")
+        if data_cfg.n_val == 1:
+            raise ValueError("data.n_val == 1, must be 0 or >= 2 with data.pairing 'subject' "
+                             "(a pair needs two subjects)")
     split, split_path = _load_or_make_split(root, data_cfg, ids, atlas_id, split_dir)
     if data_cfg.pairing == "subject" and len(split["train"]) < 2:
         raise ValueError(

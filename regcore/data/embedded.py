@@ -168,7 +168,8 @@ def _atlas_on_grid(shape: tuple[int, int, int]):
     to_crop = np.eye(4)
     to_crop[:3, :3] = np.diag(np.full(3, s))
     to_crop[:3, 3] = offset
-    return np.clip(t1_grid, 0, 1).astype(np.float32), seg_grid.astype(np.uint8), affine_crop @ to_crop
+    t1_grid = np.clip(t1_grid, 0, 1).astype(np.float32)
+    return t1_grid, seg_grid.astype(np.uint8), affine_crop @ to_crop
 
 
 # -- deformations (torch, voxel units; normalised coordinates only inside _warp) ---------------
@@ -269,7 +270,8 @@ def _true_ddf(rng, p: EmbeddedParams, shape, spacing_mm: float):
     x = _identity(shape)
     y = (x + w - centre.view(3, 1, 1, 1)).reshape(3, -1)
     mapped = torch.from_numpy(a.astype(np.float32)) @ y
-    mapped = mapped.reshape(3, *shape) + (centre + torch.from_numpy(t.astype(np.float32))).view(3, 1, 1, 1)
+    shift = centre + torch.from_numpy(t.astype(np.float32))
+    mapped = mapped.reshape(3, *shape) + shift.view(3, 1, 1, 1)
     return (mapped - x), record
 
 
@@ -313,7 +315,8 @@ def _write_subject(folder: Path, image, seg, ddf, affine) -> None:
     _save_nifti(folder / TRUE_DDF_FILE, np.ascontiguousarray(np.moveaxis(ddf, 0, -1)), affine,
                 np.int16)
     # The generated grid is also the "scanner" space: link the scanner-space names.
-    for src, dst in (("aligned_norm.nii.gz", "norm.nii.gz"), ("aligned_seg4.nii.gz", "seg4.nii.gz")):
+    for src, dst in (("aligned_norm.nii.gz", "norm.nii.gz"),
+                     ("aligned_seg4.nii.gz", "seg4.nii.gz")):
         try:
             os.link(folder / src, folder / dst)
         except OSError:

@@ -84,7 +84,8 @@ def _discover_folders(root: Path, space: str) -> list[SubjectFiles]:
                 f"subject {folder.name}")
         ddf = folder / TRUE_DDF_FILE
         # image: the expected path, present or not (only the intensity modality needs it)
-        subjects.append(SubjectFiles(folder.name, seg4=present["seg4"], image=folder / names["image"],
+        subjects.append(SubjectFiles(folder.name, seg4=present["seg4"],
+                                     image=folder / names["image"],
                                      seg35=present.get("seg35"),
                                      true_ddf=ddf if ddf.exists() else None))
     if not subjects:
@@ -130,6 +131,10 @@ def _discover_list(list_file: Path, modality: str) -> list[SubjectFiles]:
 
 # -- readers: each failure one line naming the file ---------------------------------------------
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _read_nifti(path: Path):
     import nibabel as nib
 
@@ -138,8 +143,9 @@ def _read_nifti(path: Path):
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError) as error:
-        raise ValueError(f"{path}: unreadable NIfTI file ({' '.join(str(error).split())})") from None
+    except (OSError, EOFError, zlib.error, ValueError, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError) as error:
+        raise ValueError(f"{path}: unreadable NIfTI file ({_one_line(error)})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     return data, np.asarray(img.affine, dtype=np.float64)
@@ -151,7 +157,7 @@ def _read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, EOFError, ValueError) as error:
-        raise ValueError(f"{path}: unreadable .npy array ({' '.join(str(error).split())})") from None
+        raise ValueError(f"{path}: unreadable .npy array ({_one_line(error)})") from None
 
 
 def _labels(path: Path, data: np.ndarray, max_label: int | None) -> np.ndarray:
@@ -165,7 +171,8 @@ def _labels(path: Path, data: np.ndarray, max_label: int | None) -> np.ndarray:
     low, high = data.min(), data.max()
     if low < 0 or (max_label is not None and high > max_label):
         expected = f"0..{max_label}" if max_label is not None else ">= 0"
-        raise ValueError(f"{path}: label values span {low:g}..{high:g}, expected integers {expected}")
+        raise ValueError(f"{path}: label values span {low:g}..{high:g}, "
+                         f"expected integers {expected}")
     return data.astype(np.int64)
 
 

@@ -220,7 +220,8 @@ def test_subject_pairs_stay_within_their_split(neurite):
         for moving, fixed in pairs:
             assert moving != fixed and {moving, fixed} <= set(cohort.split[split])
         assert cohort.pairs(split) == pairs  # seeded
-    with pytest.raises(ValueError, match=r"^data.n_val == 1, must be >= 2 with data.pairing"):
+    with pytest.raises(ValueError,
+                       match=r"^data.n_val == 1, must be 0 or >= 2 with data.pairing"):
         load_cohort(cfg(neurite, pairing="subject", n_val=1))
     with pytest.raises(ValueError, match=r"^data.n_test \+ data.n_val == 4 \+ 2 leave one "
                                          r"training subject of 7"):
