@@ -1,0 +1,329 @@
+"""regcore.networks: backbones, affine head, the registration model and its fast paths."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from regcore.config import ModelConfig
+from regcore.networks import (
+    FLOW_INIT_STD,
+    AffineHead,
+    Conv3d,
+    RegistrationOutput,
+    SeedUNet,
+    VxmUNet,
+    build_model,
+    concat_pair,
+    count_parameters,
+    upsample_concat,
+)
+from regcore.spatial import jacobian_det, warp
+
+# tiny widths: same structure as the defaults, a fraction of the cost
+TINY = {
+    "vxm": dict(enc_channels=(4, 8, 8, 8), dec_channels=(8, 8, 8, 8, 8, 4, 4)),
+    "seed": dict(enc_channels=(4, 8, 16), dec_channels=(8, 4)),
+}
+SHAPE = (16, 16, 32)  # divisible by 2^4 (vxm) and 2^2 (tiny seed); one axis differs
+
+
+def tiny_model(backbone: str, affine: bool, in_channels: int = 5, **extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone=backbone, **TINY[backbone], **extra), in_channels,
+                       affine=affine)
+
+
+@pytest.fixture
+def pair():
+    """One-hot-like moving and fixed images (B=2, C=5) on SHAPE, seeded."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (2, 4, 4, 8), generator=gen)
+    fixed_labels = torch.roll(labels, 1, dims=1)
+    def up(lab):
+        onehot = F.one_hot(lab, 5).permute(0, 4, 1, 2, 3).float()
+        return F.interpolate(onehot, size=SHAPE, mode="trilinear", align_corners=True)
+    return up(labels), up(fixed_labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and the output record
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["vxm", "seed"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_output_shapes(pair, backbone, affine):
+    moving, fixed = pair
+    model = tiny_model(backbone, affine)
+    out = model(moving, fixed)
+    assert isinstance(out, RegistrationOutput)
+    assert out.theta.shape == (2, 3, 4)
+    for name in ("dense_ddf_vox", "total_ddf_vox"):
+        field = getattr(out, name)
+        assert field.shape == (2, 3, *SHAPE) and field.dtype == torch.float32, name
+        assert field.is_contiguous(), name
+    assert out.warped.shape == moving.shape
+    assert out.velocity_vox is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.warped = moving  # type: ignore[misc]
+
+
+def test_intensity_input_one_channel():
+    model = tiny_model("vxm", affine=True, in_channels=1)
+    image = torch.rand(1, 1, *SHAPE)
+    assert model(image, image).warped.shape == (1, 1, *SHAPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# identity at initialisation
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["vxm", "seed"])
+def test_identity_at_init(pair, backbone):
+    moving, fixed = pair
+    out = tiny_model(backbone, affine=True)(moving, fixed)
+    eye = torch.eye(3, 4).expand(2, 3, 4)
+    assert torch.equal(out.theta.detach(), eye)  # exactly [I | 0]
+    # flow head N(0, 1e-5): the field is tiny, so the warp is (almost) the identity
+    assert out.dense_ddf_vox.abs().max() < 1e-2
+    assert torch.allclose(out.total_ddf_vox, out.dense_ddf_vox, atol=1e-5)
+    assert torch.allclose(out.warped, moving, atol=1e-2)
+
+
+def test_theta_is_identity_without_affine_stage(pair):
+    out = tiny_model("vxm", affine=False)(*pair)
+    assert torch.equal(out.theta, torch.eye(3, 4).expand(2, 3, 4))
+    assert torch.equal(out.total_ddf_vox, out.dense_ddf_vox)
+
+
+def test_flow_head_init():
+    model = build_model(ModelConfig(), 5, affine=False)
+    weight, bias = model.flow.conv.weight, model.flow.conv.bias
+    assert torch.equal(bias, torch.zeros(3))
+    assert 0.5 * FLOW_INIT_STD < weight.std() < 2 * FLOW_INIT_STD
+
+
+def test_affine_translation_scaled_to_voxels():
+    # t_vox[k] = t_raw[k] * (size[k] - 1) / 2: a raw output of 1 is half the extent of axis k
+    head = AffineHead(10)
+    with torch.no_grad():
+        head.fc2.bias[9:] = torch.tensor([1.0, -0.5, 0.25])
+    theta = head(torch.rand(1, 10, *SHAPE))
+    expected = torch.tensor([1.0 * 15 / 2, -0.5 * 15 / 2, 0.25 * 31 / 2])
+    assert torch.allclose(theta[0, :, 3], expected)
+    assert torch.equal(theta[0, :, :3], torch.eye(3))
+
+
+def test_affine_stage_resamples_once(pair):
+    # with a pure translation in theta and a zero dense field, warped == warp(moving, total):
+    # one resampling of the original moving image with the composed field
+    moving, fixed = pair
+    model = tiny_model("vxm", affine=True)
+    with torch.no_grad():
+        model.affine_head.fc2.bias[9] = 2.0 / 7.5  # 2 voxels along D
+        model.flow.conv.weight.zero_()
+    out = model(moving, fixed)
+    assert torch.allclose(out.theta[:, 0, 3], torch.tensor([2.0, 2.0]))
+    assert torch.allclose(out.total_ddf_vox[:, 0], torch.full((2, *SHAPE), 2.0))
+    assert torch.allclose(out.warped, warp(moving, out.total_ddf_vox), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter counts (no forward pass)
+# ---------------------------------------------------------------------------------------------
+def _conv(cin: int, cout: int, k: int = 3) -> int:
+    return cin * cout * k ** 3 + cout
+
+
+def test_seed_parameter_count_at_default_widths():
+    # encoder 32-64-128-256 + 512 bottleneck, two 3^3 convs and an affine InstanceNorm (2 C
+    # parameters) per block, 2^3 transposed convs up, decoder mirrored, 3^3 flow head; input 10
+    # channels (one-hot seg4 moving + fixed). The study reports about 22.6 M.
+    def block(cin, cout):
+        return _conv(cin, cout) + _conv(cout, cout) + 2 * 2 * cout
+    enc = [32, 64, 128, 256]
+    expected, prev = 0, 10
+    for width in enc:
+        expected += block(prev, width)
+        prev = width
+    expected += block(256, 512)
+    prev = 512
+    for width in reversed(enc):
+        expected += _conv(prev, width, 2) + block(2 * width, width)
+        prev = width
+    expected += _conv(32, 3)
+    model = build_model(ModelConfig(backbone="seed"), 5, affine=False)
+    assert count_parameters(model) == expected
+    assert 22.5e6 < expected < 22.7e6
+
+
+def test_vxm_parameter_count_at_default_widths():
+    # encoder convs 10-16-32-32-32, decoder 32 at each level (input prev + skip), 32-16-16 at
+    # full resolution after the last concat (32 + 16 channels), flow head 16 -> 3
+    expected = (_conv(10, 16) + _conv(16, 32) + _conv(32, 32) + _conv(32, 32)
+                + _conv(32, 32) + _conv(64, 32) + _conv(64, 32) + _conv(64, 32)
+                + _conv(48, 32) + _conv(32, 16) + _conv(16, 16) + _conv(16, 3))
+    model = build_model(ModelConfig(), 5, affine=False)
+    assert count_parameters(model) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["vxm", "seed"])
+def test_gradients_reach_affine_head_and_unet(pair, backbone):
+    moving, fixed = pair
+    model = tiny_model(backbone, affine=True)
+    out = model(moving, fixed)
+    F.mse_loss(out.warped, fixed).backward()
+    # the affine head's last layer (zero weights at init: its input features carry the gradient)
+    assert model.affine_head.fc2.weight.grad.abs().sum() > 0
+    assert model.affine_head.fc2.bias.grad.abs().sum() > 0
+    first_conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first_conv.weight.grad.abs().sum() > 0
+    assert model.flow.conv.weight.grad.abs().sum() > 0
+    # one optimiser step moves theta away from the identity
+    torch.optim.Adam(model.parameters(), lr=1e-3).step()
+    theta = model(moving, fixed).theta.detach()
+    assert not torch.equal(theta, torch.eye(3, 4).expand(2, 3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# diffeomorphic mode
+# ---------------------------------------------------------------------------------------------
+def test_diffeomorphic_mode_integrates_without_folding(pair):
+    # Scale the flow head so the raw (unsmoothed, random-feature) velocity has an std of 0.75
+    # voxels: used directly as a displacement it folds (~10 % of voxels); integrated by scaling
+    # and squaring it must not fold anywhere.
+    moving, fixed = pair
+    model = tiny_model("vxm", affine=False, diffeomorphic=True, int_steps=7)
+    with torch.no_grad():
+        v = model(moving, fixed).velocity_vox
+        model.flow.conv.weight.mul_(0.75 / v.std())
+        out = model(moving, fixed)
+    velocity = out.velocity_vox
+    assert velocity is not None and velocity.shape == (2, 3, *SHAPE)
+    assert 0.5 < velocity.std() < 1.0
+    assert (jacobian_det(velocity) <= 0).float().mean() > 0.05  # the raw field folds
+    assert (jacobian_det(out.dense_ddf_vox) <= 0).sum() == 0
+    assert not torch.equal(out.dense_ddf_vox, velocity)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+BAD_INPUTS = [
+    ((1, 4, *SHAPE), (1, 5, *SHAPE), ValueError, "expected moving of shape (B, 5, D, H, W), got (1, 4,"),
+    ((1, 5, *SHAPE), (1, 5, 16, 16), ValueError, "expected fixed of shape (B, 5, D, H, W), got (1, 5, 16, 16)"),
+    ((5, *SHAPE), (5, *SHAPE), ValueError, "expected moving of shape (B, 5, D, H, W), got (5,"),
+    ((1, 5, *SHAPE), (2, 5, *SHAPE), ValueError, "moving and fixed must have the same shape"),
+    ((1, 5, 16, 16, 24), (1, 5, 16, 16, 24), ValueError, "spatial sizes (16, 16, 24) must be divisible by 16"),
+]
+
+
+@pytest.mark.parametrize("moving_shape, fixed_shape, error, message", BAD_INPUTS)
+def test_bad_shapes_raise_named_errors(moving_shape, fixed_shape, error, message):
+    model = tiny_model("vxm", affine=False)
+    with pytest.raises(error) as info:
+        model(torch.zeros(moving_shape), torch.zeros(fixed_shape))
+    assert str(info.value).startswith(message)
+
+
+def test_bad_input_types():
+    model = tiny_model("vxm", affine=False)
+    with pytest.raises(TypeError, match="^expected moving to be a torch.Tensor, got ndarray"):
+        model(torch.zeros(1, 5, *SHAPE).numpy(), torch.zeros(1, 5, *SHAPE))
+    with pytest.raises(TypeError, match="^expected fixed with a floating dtype, got torch.int64"):
+        model(torch.zeros(1, 5, *SHAPE), torch.zeros(1, 5, *SHAPE, dtype=torch.long))
+
+
+def test_seed_divisibility_message():
+    model = tiny_model("seed", affine=False)  # two poolings
+    with pytest.raises(ValueError, match=r"^spatial sizes \(16, 16, 18\) must be divisible by 4 "
+                                         r"\(2\^2"):
+        model(torch.zeros(1, 5, 16, 16, 18), torch.zeros(1, 5, 16, 16, 18))
+
+
+BAD_CONFIGS = [
+    (dict(backbone="vxm", enc_channels=(4, 8, 8, 8), dec_channels=(8, 8, 8)), 5,
+     ValueError, "model.dec_channels == (8, 8, 8), must have at least as many"),
+    (dict(backbone="seed", enc_channels=(8,)), 5, ValueError, "model.enc_channels == (8,), must"),
+    (dict(backbone="seed", enc_channels=(4, 8, 16), dec_channels=(8,)), 5, ValueError,
+     "model.dec_channels == (8,), must have 2 entries"),
+    (dict(), 0, ValueError, "in_channels == 0, must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("cfg, in_channels, error, message", BAD_CONFIGS)
+def test_bad_configs_raise(cfg, in_channels, error, message):
+    with pytest.raises(error) as info:
+        build_model(ModelConfig(**cfg), in_channels, affine=False)
+    assert str(info.value).startswith(message)
+
+
+def test_build_model_argument_types():
+    with pytest.raises(TypeError, match="^model_cfg is a dict, expected"):
+        build_model({"backbone": "vxm"}, 5, affine=False)
+    with pytest.raises(TypeError, match="^affine == 1, must be True or False"):
+        build_model(ModelConfig(), 5, affine=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast paths compute exactly what the plain code computes
+# ---------------------------------------------------------------------------------------------
+def test_upsample_concat_matches_interpolate_and_cat():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 5, 6, generator=gen, requires_grad=True)
+    skip = torch.randn(2, 2, 8, 10, 12, generator=gen, requires_grad=True)
+    out = upsample_concat(x, skip)
+    ref = torch.cat([F.interpolate(x, scale_factor=2, mode="nearest"), skip], dim=1)
+    assert torch.equal(out, ref)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    weights = torch.randn(ref.shape, generator=gen)
+    grads = torch.autograd.grad((out * weights).sum(), (x, skip))
+    grads_ref = torch.autograd.grad((ref * weights).sum(), (x, skip))
+    for got, want in zip(grads, grads_ref):
+        assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="^skip of shape"):
+        upsample_concat(x, skip[:, :, :6])
+
+
+def test_concat_pair_matches_cat():
+    a, b = torch.rand(1, 2, 4, 4, 4), torch.rand(1, 3, 4, 4, 4)
+    out = concat_pair(a, b)
+    assert torch.equal(out, torch.cat([a, b], dim=1))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_onednn_conv_matches_reference_conv():
+    # Conv3d forces oneDNN on the CPU; compare with F.conv3d (native at this size) incl. grads
+    torch.manual_seed(0)
+    conv = Conv3d(4, 6, 3, padding=1, stride=2)
+    x = torch.randn(1, 4, 8, 8, 8, requires_grad=True)
+    out = conv(x)
+    ref = F.conv3d(x, conv.weight, conv.bias, stride=2, padding=1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    g = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, conv.weight))
+    for got, want in zip(g, g_ref):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_bf16_autocast_keeps_field_float32(pair):
+    moving, fixed = pair
+    model = tiny_model("vxm", affine=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(moving, fixed)
+    assert out.dense_ddf_vox.dtype == torch.float32 and out.theta.dtype == torch.float32
+    assert torch.allclose(out.warped.float(), moving, atol=1e-2)
+
+
+def test_register_runs_under_inference_mode(pair):
+    out = tiny_model("seed", affine=True).register(*pair)
+    assert out.warped.is_inference() and not out.warped.requires_grad
+
+
+def test_backbones_are_the_named_classes():
+    assert isinstance(tiny_model("vxm", False).backbone, VxmUNet)
+    assert isinstance(tiny_model("seed", False).backbone, SeedUNet)
