@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # no display: the report is written on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
 
 from analysis.effects import EFFECTS, subject_table  # noqa: E402
 from analysis.metrics import spec  # noqa: E402
@@ -121,28 +121,35 @@ PLANES = (("axial", 2), ("coronal", 1), ("sagittal", 0))
 
 
 def _slice(volume: np.ndarray, axis: int) -> np.ndarray:
-    return np.take(volume, volume.shape[axis] // 2, axis=axis)
+    """The mid-slice across `axis`, transposed so that the first in-plane axis runs
+    horizontally (drawn with origin="lower": the usual display of a RAS volume)."""
+    return np.take(volume, volume.shape[axis] // 2, axis=axis).T
 
 
 def _show(ax, image: np.ndarray, is_labels: bool, vmax: float) -> None:
     if is_labels:
-        ax.imshow(image, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        ax.imshow(image, cmap="tab10", vmin=0, vmax=9, interpolation="nearest", origin="lower")
     else:
-        ax.imshow(image, cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.imshow(image, cmap="gray", vmin=0, vmax=vmax, interpolation="nearest",
+                  origin="lower")
 
 
 def _grid(ax, ddf_vox: np.ndarray, axis: int, step: int) -> None:
-    """Fixed-grid lines moved to x + u(x) (the in-plane components of u, in voxels)."""
+    """Fixed-grid lines moved to x + u(x) (the in-plane components of u, in voxels).
+
+    In-plane axes p < q: p is drawn horizontally, q vertically (see `_slice`)."""
     p, q = [a for a in range(3) if a != axis]
-    up = _slice(ddf_vox[p], axis)
+    up = _slice(ddf_vox[p], axis)  # (n_q, n_p) after the transpose
     uq = _slice(ddf_vox[q], axis)
-    n_p, n_q = up.shape
-    ii, jj = np.meshgrid(np.arange(n_p), np.arange(n_q), indexing="ij")
-    yy, xx = ii + up, jj + uq
-    for i in range(0, n_p, step):
-        ax.plot(xx[i, :], yy[i, :], color="yellow", lw=0.5)
+    n_q, n_p = up.shape
+    jj, ii = np.meshgrid(np.arange(n_q), np.arange(n_p), indexing="ij")
+    xx, yy = ii + up, jj + uq
     for j in range(0, n_q, step):
-        ax.plot(xx[:, j], yy[:, j], color="yellow", lw=0.5)
+        ax.plot(xx[j, :], yy[j, :], color="yellow", lw=0.5)
+    for i in range(0, n_p, step):
+        ax.plot(xx[:, i], yy[:, i], color="yellow", lw=0.5)
+    ax.set_xlim(-0.5, n_p - 0.5)  # lines moved outside the image must not rescale the axes
+    ax.set_ylim(-0.5, n_q - 0.5)
 
 
 def example_slices(arrays: dict[str, np.ndarray], path: Path, title: str = "") -> Path:
@@ -158,9 +165,9 @@ def example_slices(arrays: dict[str, np.ndarray], path: Path, title: str = "") -
     is_labels = np.issubdtype(fixed.dtype, np.integer)
     vmax = float(max(np.nanmax(fixed), np.nanmax(moving), 1e-6))
     step = max(2, min(fixed.shape) // 16)
-    lo = min(float(np.nanmin(jac)), 0.0)
-    hi = max(float(np.nanmax(jac)), 2.0)
-    norm = TwoSlopeNorm(vmin=lo - 1e-6 if lo >= 1 else lo, vcenter=1.0, vmax=hi)
+    # symmetric about det J = 1 (no volume change), wide enough for the largest deviation
+    half = max(float(np.nanmax(np.abs(jac - 1.0))), 1e-3)
+    norm = Normalize(vmin=1.0 - half, vmax=1.0 + half)
     fig, axes = plt.subplots(3, 4, figsize=(11, 8.4))
     for row, (name, axis) in enumerate(PLANES):
         ax = axes[row]
@@ -170,7 +177,7 @@ def example_slices(arrays: dict[str, np.ndarray], path: Path, title: str = "") -
         ax[2].contour(_slice(fixed_seg, axis) > 0, levels=[0.5], colors="cyan", linewidths=0.6)
         _grid(ax[2], ddf, axis, step)
         image = ax[3].imshow(_slice(jac, axis), cmap="RdBu_r", norm=norm,
-                             interpolation="nearest")
+                             interpolation="nearest", origin="lower")
         folds = _slice(jac, axis) <= 0
         if folds.any():
             ax[3].contour(folds, levels=[0.5], colors="black", linewidths=0.8)
