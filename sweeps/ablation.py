@@ -583,6 +583,7 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
     import pandas as pd
 
     train_s = sum(float(r.get("trial.train_s", 0.0) or 0.0) for r in rows)
+    setup_s = sum(float(r.get("trial.setup_s", 0.0) or 0.0) for r in rows)
     busy_pct = 100.0 * train_s / (slots * tune_s) if tune_s > 0 else float("nan")
     per_trial_overhead_s = (slots * tune_s - train_s) / max(len(rows), 1)
     failed = [r for r in rows if r["status"] == "FAILED"]
@@ -592,12 +593,13 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
         print(summary_table(rows).to_string())
     print(f"\n{len(rows)} trials ({len(failed)} FAILED) in {tune_s:.1f} s of Tune time with "
           f"{slots} slot(s); the trials trained for {train_s:.1f} s in all: slots busy "
-          f"{busy_pct:.1f} %, Ray overhead {per_trial_overhead_s:.1f} s per trial")
+          f"{busy_pct:.1f} %, overhead {per_trial_overhead_s:.1f} s per trial (of which "
+          f"{setup_s / max(len(rows), 1):.1f} s imports and MLflow set-up inside the trial)")
     for r in failed:
         print(f"FAILED {r['group']} {r['variant']}-s{r['seed']} ({r['trial_id']}): {r['error']}")
     tracking.log_metrics(client, plan.parent_run_id, {
         "sweep.trials": len(rows), "sweep.failed": len(failed), "sweep.tune_s": tune_s,
-        "sweep.trials_train_s": train_s, "sweep.slots": slots, "sweep.busy_pct": busy_pct,
+        "sweep.trials_train_s": train_s, "sweep.trials_setup_s": setup_s, "sweep.slots": slots, "sweep.busy_pct": busy_pct,
         "sweep.overhead_per_trial_s": per_trial_overhead_s}, step=0)
 
     report_path = None

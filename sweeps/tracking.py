@@ -179,24 +179,32 @@ def find_child(client, experiment_id: str, sweep_id: str, trial_id: str):
 
 def get_or_create_child(client, experiment_id: str, parent_run_id: str, sweep_id: str,
                         trial_id: str, run_name: str, tags: dict[str, str],
-                        params: dict[str, str]) -> tuple[str, bool]:
-    """(run_id, created): the trial's one run, reopened (RUNNING) if it exists."""
-    run = find_child(client, experiment_id, sweep_id, trial_id)
-    if run is not None:
-        client.update_run(run.info.run_id, status="RUNNING")
-        for key, value in tags.items():
-            client.set_tag(run.info.run_id, key, value)
-        return run.info.run_id, False
+                        params: dict[str, str], existing=None) -> tuple[str, int]:
+    """(run_id, attempt): the trial's one run, reopened (RUNNING) if `existing` (the run that
+    `find_child` found) is given, else created. `attempt` counts the starts of the trial, kept in
+    the tag `regablate.attempts`."""
+    from mlflow.entities import RunTag
+
+    if existing is not None:
+        run_id = existing.info.run_id
+        attempt = int(existing.data.tags.get(f"{TAG}attempts", "0")) + 1
+        client.update_run(run_id, status="RUNNING")
+        items = {**tags, f"{TAG}attempts": str(attempt)}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in items.items()])
+        return run_id, attempt
     all_tags = {"mlflow.parentRunId": parent_run_id, f"{TAG}role": "trial",
-                f"{TAG}sweep_id": sweep_id, f"{TAG}trial_id": trial_id, **tags}
+                f"{TAG}sweep_id": sweep_id, f"{TAG}trial_id": trial_id,
+                f"{TAG}attempts": "1", **tags}
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     _log_params(client, run.info.run_id, params)
-    return run.info.run_id, True
+    return run.info.run_id, 1
 
 
-def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None:
-    """Numeric metrics at `step` (NaN kept: MLflow stores it; non-numbers skipped)."""
-    from mlflow.entities import Metric
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int,
+                tags: dict[str, str] | None = None) -> None:
+    """Numeric metrics at `step` (NaN kept: MLflow stores it; non-numbers skipped), and `tags`,
+    in one batch (one transaction) where they fit."""
+    from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
     items = []
@@ -207,8 +215,10 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int) -> None
         if math.isinf(value):
             value = math.copysign(1.7976931348623157e308, value)
         items.append(Metric(key, value, now, step))
-    for start in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[start:start + 500])
+    tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for start in range(0, max(len(items), 1), 500):
+        client.log_batch(run_id, metrics=items[start:start + 500],
+                         tags=tag_items if start == 0 else [])
 
 
 def children_of(client, experiment_id: str, sweep_id: str) -> list:

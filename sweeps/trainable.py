@@ -61,6 +61,7 @@ def _bool(value: bool) -> str:
 
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """One trial: train the configured variant, log it to its MLflow child run."""
+    entered = time.perf_counter()
     import ray
     from ray import tune
 
@@ -93,25 +94,26 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         f"{tracking.TAG}pid": str(os.getpid()),
         f"{tracking.TAG}trial_name": context.get_trial_name(),
     }
-    run_id, _created = tracking.get_or_create_child(
+    run_id, _attempt = tracking.get_or_create_child(
         client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
         run_name(cfg.variant, cfg.seed, group, trial_id), tags,
-        tracking.flat_params(cfg.to_flat()))
-    previous = client.get_run(run_id).data.tags.get(f"{tracking.TAG}attempts", "0")
-    client.set_tag(run_id, f"{tracking.TAG}attempts", str(int(previous) + 1))
+        tracking.flat_params(cfg.to_flat()), existing=done)
 
     checkpoint = tune.get_checkpoint()
     started = time.perf_counter()
+    setup_s = started - entered  # imports, MLflow run: the trial's own orchestration cost
     first_report = [True]
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         epoch = int(metrics.get("epoch", 0))
+        extra_tags = {}
         if first_report[0] and checkpoint is not None:
-            client.set_tag(run_id, f"{tracking.TAG}resumed_from_epoch", str(max(epoch - 1, 0)))
+            extra_tags[f"{tracking.TAG}resumed_from_epoch"] = str(max(epoch - 1, 0))
         first_report[0] = False
-        tracking.log_metrics(client, run_id, metrics, step=epoch)
+        tracking.log_metrics(client, run_id, metrics, step=epoch, tags=extra_tags)
         payload = dict(metrics)
         payload["trial.train_s"] = time.perf_counter() - started
+        payload["trial.setup_s"] = setup_s
         if checkpoint_dir is not None:
             tune.report(payload, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
         else:
@@ -136,17 +138,18 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         raise
 
     train_s = time.perf_counter() - started
-    tracking.log_metrics(client, run_id, {"trial.train_s": train_s},
-                         step=int(result.metrics.get("epoch", 0)))
     tracking.log_artifacts(client, run_id, [
         (Path(result.per_pair_path), None),
         (Path(result.example_path), None),
         *([(Path(result.checkpoint_dir), "checkpoint")] if result.checkpoint_dir else []),
     ])
-    client.set_tag(run_id, f"{tracking.TAG}device", str(getattr(result, "device", "")))
-    earlier = client.get_run(run_id).data.tags.get(f"{tracking.TAG}error")
-    if earlier is not None:  # an earlier attempt failed and a retry completed
-        client.set_tag(run_id, f"{tracking.TAG}recovered_error", earlier)
+    end_tags = {f"{tracking.TAG}device": str(getattr(result, "device", ""))}
+    earlier = done.data.tags.get(f"{tracking.TAG}error") if done is not None else None
+    if earlier is not None:  # an earlier attempt failed and this retry completed
+        end_tags[f"{tracking.TAG}recovered_error"] = earlier
+    tracking.log_metrics(client, run_id, {"trial.train_s": train_s, "trial.setup_s": setup_s},
+                         step=int(result.metrics.get("epoch", 0)), tags=end_tags)
+    if earlier is not None:
         client.delete_tag(run_id, f"{tracking.TAG}error")
     client.set_terminated(run_id, status="FINISHED")
 
