@@ -135,3 +135,20 @@ def test_out_dir_that_is_not_a_report_is_refused(sweep_store, tmp_path):
     with pytest.raises(ValueError, match="holds no report.md: refusing to replace it"):
         build_report(store.uri, parent_run_id=pid, out_dir=precious)
     assert (precious / "thesis.tex").read_text() == "keep me"
+
+
+def test_partial_sweep_reports_what_it_cannot_compute(store, tmp_path):
+    from tests.analysis.constructed import make_per_pair
+
+    data = make_per_pair(n_subjects=4, seeds=(0,))
+    data = data[data["variant"].isin(["baseline", "regloss"])]
+    pid = log_sweep(store, per_pair=data, n_search=0, resumed=False, failed=False)
+    md = build_report(store.uri, parent_run_id=pid, out_dir=tmp_path / "r").read_text()
+    assert re.findall(r"^## (.+)$", md, flags=re.M) == list(SECTIONS)
+    assert "lacks finished trials in one of the four cells" in md
+    assert "The sweep ran no weight search" in md
+    assert "No trial of this sweep logged an example.npz." in md
+    assert "1. Individual contributions of affine vs regularization: not answerable" in md
+    assert "| RegLoss UNet | " in md and "| Combined (Basic) | " not in md
+    assert {p.name for p in (tmp_path / "r").glob("*.png")} == {
+        "box_dice_mean.png", "box_hd95_mm.png", "box_folding_pct.png", "box_sdlogj.png"}
