@@ -88,13 +88,20 @@ class Service:
         """Stop the service and every process of its session; return the pids signalled.
 
         SIGTERM goes to the main process only (``ray start --block`` and ``mlflow server``
-        shut their children down in order on SIGTERM, as `docker stop` asks them to); what
-        is still alive in the session after ``grace_s`` gets SIGKILL.
+        shut their children down in order on SIGTERM, as `docker stop` asks them to), or to
+        every process of the session when the main process has already exited; what is still
+        alive in the session after ``grace_s`` gets SIGKILL.
         """
         sid = self.proc.pid  # a new session's id is its leader's pid
         pids = owned_pids({sid}, None)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        else:  # the leader is gone (a script that left daemons behind): signal them directly
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             self.proc.poll()

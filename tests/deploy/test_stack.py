@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.procs import (SCRIPTS, Service, cmdline_of, free_port, kill_marked,
+from tests.deploy.procs import (REPO, SCRIPTS, Service, cmdline_of, free_port, kill_marked,
                                 listening_addresses, owned_pids, port_open, wait_for)
 
 pytestmark = pytest.mark.slow
@@ -165,3 +165,51 @@ def test_mlflow_server_stores_runs_and_proxies_artifacts(stack):
     stored = list((stack["work"] / "mlflow" / "mlartifacts").rglob("per_pair.csv"))
     assert len(stored) == 1 and stored[0].read_text().endswith("a,b,0.5\n")
     assert (stack["work"] / "mlflow" / "mlflow.db").is_file()
+
+
+def test_smoke_sweep_through_run_sweep_lands_in_the_server_and_reports(stack, tmp_path):
+    """The compose `sweep` job's path: run-sweep.sh joins the cluster as a node without CPUs,
+    runs sweeps/ablation.py against the cluster and the tracking server; the report is then
+    built from the server alone."""
+    from mlflow.tracking import MlflowClient
+
+    uri, experiment = stack["tracking_uri"], "regablate-deploy"
+    env = dict(stack["env"], RAY_HEAD_ADDRESS=stack["ray_address"],
+               RAY_TEMP_DIR=str(stack["ray_tmp"]), RAY_NODE_IP="127.0.0.1",
+               RAY_OBJECT_STORE_BYTES=str(100 * 2**20), RAY_DASHBOARD_AGENT_PORT=str(free_port()),
+               RAY_USAGE_STATS_ENABLED="0")
+    argv = [str(SCRIPTS / "run-sweep.sh"), "--preset", "smoke", "--address", stack["ray_address"],
+            "--tracking-uri", uri, "--storage-path", str(tmp_path / "ray_results"),
+            "--experiment", experiment, "--sweep-id", "deploy-smoke", "--search-trials", "0",
+            "--cpus-per-trial", "1", "--no-report"]
+    sweep = Service("sweep", argv, env, tmp_path)
+    try:
+        rc = sweep.proc.wait(timeout=600)
+    finally:
+        sweep.stop()  # the driver node it started (its raylet outlives the script, as in compose)
+    assert rc == 0, sweep.log_tail(5000)
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("regablate.role") == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4  # the 2x2 design, one seed
+    assert {r.data.tags["regablate.variant"] for r in children} == {
+        "baseline", "regloss", "combined_basic", "combined_enhanced"}
+    assert all(r.info.status == "FINISHED" for r in children + [parent])
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children)
+    stored = list((stack["work"] / "mlflow" / "mlartifacts").rglob("per_pair.csv"))
+    assert len(stored) >= 4  # uploaded by the trials through the server's proxy
+
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "analysis.report", "--parent-run",
+                           parent.info.run_id, "--tracking-uri", uri, "--out", str(out)],
+                          env=stack["env"], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    md = (out / "report.md").read_text()
+    assert parent.info.run_id in md
+    assert (out / "report.html").is_file()
