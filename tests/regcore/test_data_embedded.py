@@ -226,3 +226,36 @@ def test_ground_truth_through_pair_dataset_and_project_warp(cohort_dir):
         assert min(after) > 0.9 and np.mean(before) < 0.9, (before, after)
         assert float(jacobian_det(ddf).min()) > 0
         assert torch.equal(item["fixed"].argmax(0), item["fixed_seg"])
+
+
+def test_pure_affine_field_matches_the_contract_and_bounds(tmp_path):
+    """With the dense part switched off, the stored field is exactly an affine of the
+    ARCHITECTURE convention x' = A (x - c) + c + t: fit it (least squares), check it against
+    regcore.spatial.affine_to_ddf and check that A and t lie within the generator's bounds."""
+    import torch
+
+    from regcore.spatial import affine_to_ddf
+
+    params = EmbeddedParams(max_velocity_mm=0.0, max_rotation_deg=10.0, max_scaling=0.05,
+                            max_translation_mm=8.0)
+    shape = (16, 18, 20)
+    out = build_embedded(tmp_path / "c", n_subjects=3, shape=shape, seed=1, params=params)
+    info = json.loads((out / "cohort.json").read_text())
+    spacing = info["spacing_mm"][0]
+    centre = (np.asarray(shape) - 1) / 2
+    x = np.indices(shape).reshape(3, -1).T - centre  # (N, 3) x - c
+    design = np.hstack([x, np.ones((len(x), 1))])
+    for folder in _subjects(out):
+        u = _load(folder, "true_ddf_vox.nii.gz")[1].get_fdata(dtype=np.float64).reshape(-1, 3)
+        coef, *_ = np.linalg.lstsq(design, x + u, rcond=None)  # x + u = A (x - c) + t
+        a, t = coef[:3].T, coef[3]
+        theta = torch.tensor(np.hstack([a, t[:, None]])[None], dtype=torch.float64)
+        expected = affine_to_ddf(theta, shape)[0].permute(1, 2, 3, 0).reshape(-1, 3).numpy()
+        assert np.abs(expected - u).max() < 2e-3  # int16 storage resolution
+        scales = np.linalg.svd(a, compute_uv=False)  # A = R S: singular values are the scales
+        assert np.all(np.abs(scales - 1) <= params.max_scaling + 1e-3)
+        rotation = a @ np.linalg.inv(np.diag(info["affines"][folder.name]["scale"]))
+        angle = np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))
+        assert angle <= 3 * params.max_rotation_deg  # three axis rotations of at most 10 deg
+        assert np.all(np.abs(t) * spacing <= params.max_translation_mm + 1e-3)
+        assert angle > 0.5 or np.abs(t).max() > 0.1  # it did move
