@@ -162,7 +162,7 @@ def test_resume_after_driver_killed(sweep_env):
     """SIGKILL the driver once one trial finished and another is mid-training; --resume
     finishes the sweep: nothing re-run from scratch, one MLflow run per trial, none RUNNING."""
     common = ("--preset", "smoke", "--sweep-id", "killed", "--search-trials", "0",
-              "--variants", "baseline,regloss,combined_basic", "--epochs", "5",
+              "--variants", "baseline,regloss,combined_basic", "--epochs", "6",
               "--max-concurrent", "1", "--no-report")
     proc = sweep_env.popen(*common, log=sweep_env.workdir / "first.log")
     try:
@@ -172,7 +172,7 @@ def test_resume_after_driver_killed(sweep_env):
             _, children = sweep_runs(sweep_env)
             done = [r for r in children if r.info.status == "FINISHED"]
             mid = [r for r in children if r.info.status == "RUNNING"
-                   and r.data.metrics.get("epoch", 0) >= 2]
+                   and r.data.metrics.get("epoch", 0) >= 3]
             return (done, mid) if done and mid else None
 
         done, mid = _wait_for(one_done_one_mid, 400, "a finished and a running trial", proc)
@@ -198,7 +198,7 @@ def test_resume_after_driver_killed(sweep_env):
     for run in children:
         steps = _epoch_steps(client, run)
         assert steps.count(1) == 1, (run.info.run_name, steps)  # never restarted from scratch
-        assert set(steps) == {1, 2, 3, 4, 5}
+        assert set(steps) == {1, 2, 3, 4, 5, 6}
         assert "test.dice_mean" in run.data.metrics
     for run_id, name in finished_before.items():
         run = client.get_run(run_id)
