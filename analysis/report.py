@@ -329,6 +329,15 @@ def _field_metrics(doc: Doc, a: Analysis, figs: dict[str, Path], out: Path) -> N
         doc.table(["Method", *(spec(m).label for m in labels)],
                   [[_label(v), *(_mean_sd(a.summary, v, m, 1.0, 4) for m in labels)]
                    for v in _variants(a)])
+    doc.p("Every metric the sweep logged, per variant: mean ± sd [95 % bootstrap CI], with "
+          "the number of test pairs and seeds (also in summary.csv).")
+    variants = _variants(a)
+    n = a.summary.groupby("variant")[["n_subjects", "n_seeds"]].max()
+    doc.table(["metric", *(f"{_label(v)} (n = {n.loc[v, 'n_subjects']} pairs x "
+                           f"{n.loc[v, 'n_seeds']} seeds)" for v in variants)],
+              [[f"{figures.axis_title(m)} ({m})",
+                *(_mean_sd(a.summary, v, m, 1.0, _digits(m), with_ci=True) for v in variants)]
+               for m in a.metrics])
     for metric in KEY_METRICS:
         if metric in a.metrics:
             name = f"box_{metric}.png"
@@ -425,7 +434,10 @@ def _search(doc: Doc, a: Analysis, figs: dict[str, Path], out: Path) -> None:
     if search.empty:
         doc.p("The sweep ran no weight search (no finished trials of group 'search').")
         return
-    doc.p(f"{len(search)} finished search trials. Importance of each searched value for the "
+    stopped = int(search["stopped_early"].sum()) if "stopped_early" in search else 0
+    doc.p(f"{len(search)} finished search trials ({stopped} stopped early by the scheduler, "
+          "without test metrics unless they reached the last epoch). Importance of each "
+          "searched value for the "
           "test Dice: optuna's fANOVA importance (share of the objective's variance explained "
           "by the value, over the search trials; needs at least 3 trials) beside the Spearman "
           "rank correlation of the value with the test Dice (sign = direction).")

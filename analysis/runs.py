@@ -97,6 +97,8 @@ def _local_store_path(tracking_uri: str) -> Path | None:
         return Path(tracking_uri[len("sqlite:///"):])
     if tracking_uri.startswith("file://"):
         return Path(tracking_uri[len("file://"):])
+    if tracking_uri.startswith("databricks"):
+        return None
     if "://" not in tracking_uri and ":" not in tracking_uri.split("/")[0]:
         return Path(tracking_uri)
     return None
