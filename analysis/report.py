@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -630,6 +631,7 @@ def build_report(tracking_uri: str = DEFAULT_TRACKING_URI, parent_run_id: str | 
     title = (f"Ablation report: {sweep.experiment_name}, sweep "
              f"{sweep.parent_tags.get('regablate.sweep_id', sweep.parent_run_id)}")
     with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory() as scratch:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a report is for reading
         doc = Doc()
         figs: dict[str, Path] = {}
         doc.h(1, title)
@@ -653,6 +655,12 @@ def build_report(tracking_uri: str = DEFAULT_TRACKING_URI, parent_run_id: str | 
         analysis.effects.to_csv(tmp / "effects.csv", index=False)
         analysis.improvements.to_csv(tmp / "improvements.csv", index=False)
     return out_dir / "report.md"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class _Parser(argparse.ArgumentParser):

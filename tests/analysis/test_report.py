@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.report import SECTIONS, build_report, main
+from analysis.report import SECTIONS, _umask, build_report, main
 from tests.analysis.conftest import log_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,7 @@ def test_report_holds_every_section_and_figure(report_dir):
         assert base64.b64encode(png).decode("ascii") in html
     assert "<h2>Research questions</h2>" in html
     assert not list(report_dir.parent.glob(".report.*"))  # no temporary left behind
+    assert report_dir.stat().st_mode & 0o055 == 0o055 & ~_umask()  # readable like any folder
 
 
 def test_report_tables_carry_the_numbers(report_dir):
