@@ -47,9 +47,10 @@ def box_by_variant(per_pair: pd.DataFrame, metric: str, path: Path) -> Path:
     """Box plot of the seed-averaged per-subject values of `metric`, one box per variant,
     with the subjects drawn as points."""
     table = subject_table(per_pair, metric)
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     data = [table[v].dropna().to_numpy() for v in table.columns]
-    labels = [VARIANTS[v].label if v in VARIANTS else v for v in table.columns]
+    labels = [(VARIANTS[v].label if v in VARIANTS else v).replace(" (", "\n(")
+              for v in table.columns]
     ax.boxplot(data, showmeans=True)
     ax.set_xticks(range(1, len(labels) + 1), labels)
     rng = np.random.default_rng(0)
