@@ -26,7 +26,7 @@ import pandas as pd
 
 from analysis import effects as fx
 from analysis import figures
-from analysis.metrics import KEY_METRICS, METRICS, direction, spec
+from analysis.metrics import KEY_METRICS, METRICS, spec
 from analysis.runs import Sweep, fetch_example, load_sweep
 from analysis.stats import CI_LEVEL, N_RESAMPLES
 from regcore.cli import UsageError, run_cli
