@@ -514,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Tune snapshots its experiment state at most every 10 s by default; a driver killed in
     # between loses trial completions. A small sweep's state is tiny: snapshot often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if args.address and "RAY_AUTH_MODE" not in os.environ and (
+            Path.home() / ".ray" / "auth_token").exists():
+        # A head started with ~/.ray/auth_token present enables token auth; a driver joining it
+        # must say so (Ray reads the mode when it is imported).
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     from sweeps.cluster import check_resources, start_ray

@@ -55,8 +55,7 @@ def two_nodes(sweep_env):
     """(address, worker marker): a head and a worker node, one CPU each."""
     port = _free_port()
     env = _ray_env(sweep_env.env)
-    _ray_start(env, "--head", "--port", str(port), "--include-dashboard", "false",
-               "--ray-client-server-port", str(_free_port()))
+    _ray_start(env, "--head", "--port", str(port), "--include-dashboard", "false")
     worker_mark = uuid.uuid4().hex
     worker_env = {**env, MARK: worker_mark}
     try:
