@@ -118,14 +118,15 @@ def test_ray_cluster_has_two_nodes_and_runs_a_task_on_each(stack):
     assert result["cpus"] == 2.0 and result["gpus"] == 0.0
 
 
-def test_ray_refuses_a_driver_without_the_token(stack):
-    env = dict(stack["env"], RAY_AUTH_TOKEN="0" * 32)
-    code = (f"import ray; ray.init(address={stack['ray_address']!r}, logging_level='ERROR'); "
-            "print(ray.cluster_resources())")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode != 0
-    assert "CPU" not in proc.stdout
+def test_ray_health_check_passes_with_the_token_and_fails_without(stack):
+    """compose's `ray-head` health check: healthcheck-ray.sh against the head."""
+    check = [str(SCRIPTS / "healthcheck-ray.sh"), stack["ray_address"]]
+    good = subprocess.run(check, env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
+    wrong = dict(stack["env"], RAY_AUTH_TOKEN="0" * 32)  # the GCS refuses another token
+    bad = subprocess.run(check, env=wrong, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert "AuthenticationError" in bad.stderr
 
 
 def test_mlflow_and_dashboard_bind_loopback_by_default(stack):
