@@ -469,19 +469,11 @@ def summary_table(rows: list[dict[str, Any]]):
 
 
 def _build_report(plan: SweepPlan, tracking_uri: str, out_dir: Path) -> Path:
-    """The report of the parent run, in-process through analysis.report."""
-    import inspect
+    """The report of the parent run, in-process (`python -m analysis.report` does the same)."""
+    from analysis.report import build_report
 
-    from analysis import report as report_mod
-
-    build = getattr(report_mod, "build_report")
-    params = inspect.signature(build).parameters
-    offered = {"parent_run_id": plan.parent_run_id, "parent_run": plan.parent_run_id,
-               "out_dir": out_dir, "out": out_dir, "tracking_uri": tracking_uri,
-               "experiment": plan.experiment}
-    kwargs = {k: v for k, v in offered.items() if k in params}
-    result = build(**kwargs)
-    return Path(result) if isinstance(result, (str, os.PathLike)) else out_dir
+    return Path(build_report(tracking_uri=tracking_uri, parent_run_id=plan.parent_run_id,
+                             experiment=plan.experiment, out_dir=out_dir))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -607,16 +599,20 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
         "sweep.trials_train_s": train_s, "sweep.trials_setup_s": setup_s, "sweep.slots": slots, "sweep.busy_pct": busy_pct,
         "sweep.overhead_per_trial_s": per_trial_overhead_s}, step=0)
 
-    report_path = None
+    report_path, code = None, 0
     if not args.no_report:
-        report_path = _build_report(plan, raw_uri, report_dir)
+        try:
+            report_path = _build_report(plan, raw_uri, report_dir)
+        except ValueError as error:  # e.g. every trial failed: the sweep itself is recorded
+            print(f"{PROG}: report not written: {' '.join(str(error).split())}", file=sys.stderr)
+            code = 1
     wall_s = time.perf_counter() - started
     tracking.log_metrics(client, plan.parent_run_id, {"sweep.wall_s": wall_s}, step=0)
     client.set_terminated(plan.parent_run_id, status="FINISHED")
     print(f"sweep {plan.sweep_id} done in {wall_s:.1f} s; parent run {plan.parent_run_id}")
     if report_path is not None:
         print(f"report: {report_path}")
-    return 0
+    return code
 
 
 if __name__ == "__main__":

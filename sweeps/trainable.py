@@ -83,13 +83,17 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         # trial finished may hand it out again. Its run says it is done: report, don't retrain.
         tune.report({**done.data.metrics, "regablate.replayed": 1.0})
         return
+    node_id = ray.get_runtime_context().get_node_id()
+    earlier_nodes = [n for n in (done.data.tags.get(f"{tracking.TAG}node_ids", "")
+                                 if done is not None else "").split(",") if n]
     tags = {
         f"{tracking.TAG}variant": cfg.variant,
         f"{tracking.TAG}affine": _bool(cfg.affine),
         f"{tracking.TAG}regularize": _bool(cfg.regularize),
         f"{tracking.TAG}seed": str(cfg.seed),
         f"{tracking.TAG}group": group,
-        f"{tracking.TAG}node_id": ray.get_runtime_context().get_node_id(),
+        f"{tracking.TAG}node_id": node_id,
+        f"{tracking.TAG}node_ids": ",".join(dict.fromkeys(earlier_nodes + [node_id])),
         f"{tracking.TAG}host": socket.gethostname(),
         f"{tracking.TAG}pid": str(os.getpid()),
         f"{tracking.TAG}trial_name": context.get_trial_name(),

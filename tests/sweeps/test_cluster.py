@@ -92,22 +92,57 @@ def mlflow_server(sweep_env):
     proc.wait(timeout=30)
 
 
-def test_two_node_cluster_with_tracking_server(sweep_env, two_nodes, mlflow_server):
-    address, _ = two_nodes
-    proc = sweep_env.run("--preset", "smoke", "--sweep-id", "cluster", "--search-trials", "0",
-                         "--address", address, "--tracking-uri", mlflow_server,
-                         "--no-report")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert not sweep_env.db.exists()  # everything went to the server
+def test_two_node_cluster_with_tracking_server_survives_a_lost_node(sweep_env, two_nodes,
+                                                                     mlflow_server):
+    """The smoke sweep on two one-CPU nodes with an MLflow server: trials run on both nodes;
+    the worker node is killed while it trains one; that trial is retried from its checkpoint
+    on the head and the sweep completes."""
+    address, worker_mark = two_nodes
+    proc = sweep_env.popen("--preset", "smoke", "--sweep-id", "cluster", "--search-trials", "0",
+                           "--epochs", "6", "--max-failures", "2", "--address", address,
+                           "--tracking-uri", mlflow_server, "--no-report",
+                           log=sweep_env.workdir / "sweep.log")
     sweep_env.uri = mlflow_server
+    try:
+        def both_nodes_training():
+            _, children = sweep_runs(sweep_env)
+            running = [r for r in children if r.info.status == "RUNNING"
+                       and r.data.metrics.get("epoch", 0) >= 2]
+            nodes = {r.data.tags["regablate.node_id"] for r in running}
+            return running if len(nodes) == 2 else None
+
+        deadline = time.time() + 400
+        running = None
+        while running is None and time.time() < deadline and proc.poll() is None:
+            try:
+                running = both_nodes_training()
+            except Exception:
+                running = None
+            time.sleep(0.5)
+        assert running, (sweep_env.workdir / "sweep.log").read_text()[-3000:]
+        kill_marked(worker_mark)  # the worker node dies mid-trial
+        assert proc.wait(timeout=500) == 0, (sweep_env.workdir / "sweep.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not sweep_env.db.exists()  # everything went to the server
     parents, children = sweep_runs(sweep_env)
-    assert len(parents) == 1 and len(children) == 4
-    assert all(r.info.status == "FINISHED" for r in children)
-    nodes = {r.data.tags["regablate.node_id"] for r in children}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    assert all(r.info.status == "FINISHED" for r in children), \
+        [(r.info.run_name, r.info.status, r.data.tags.get("regablate.error")) for r in children]
+    nodes = {n for r in children for n in r.data.tags["regablate.node_ids"].split(",")}
     assert len(nodes) == 2, nodes  # trials ran on both nodes
+    moved = [r for r in children if len(r.data.tags["regablate.node_ids"].split(",")) == 2]
+    assert moved, "no trial was retried on the remaining node"
+    for run in moved:
+        assert int(run.data.tags["regablate.attempts"]) >= 2
+        assert int(run.data.tags.get("regablate.resumed_from_epoch", "0")) >= 1
     client = mlflow_client(sweep_env)
-    for run in children:  # artifacts went through the server from both nodes
+    for run in children:  # artifacts went through the server, from both nodes
         assert "per_pair.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
+        assert steps.count(1) == 1, (run.info.run_name, steps)  # never restarted from scratch
 
 
 def test_gpu_trial_on_cpu_only_cluster_fails_fast(sweep_env):
