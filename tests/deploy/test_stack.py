@@ -57,13 +57,13 @@ def stack(tmp_path_factory):
         services.append(Service("mlflow", [str(SCRIPTS / "start-mlflow.sh")], mlflow_env, work))
         head_env = dict(env, RAY_PORT=str(ray_port), RAY_DASHBOARD_PORT=str(dash_port),
                         RAY_NUM_CPUS="1", RAY_NUM_GPUS="0", RAY_TEMP_DIR=str(ray_tmp),
-                        RAY_NODE_IP="127.0.0.1", RAY_OBJECT_STORE_BYTES=str(200 * 2**20),
+                        RAY_OBJECT_STORE_BYTES=str(200 * 2**20),
                         RAY_DASHBOARD_AGENT_PORT=str(free_port()))
         services.append(Service("ray-head", [str(SCRIPTS / "start-ray-head.sh")], head_env, work))
         wait_for(lambda: (ray_tmp / "ray_current_cluster").exists() and port_open(ray_port),
                  90, "ray head", services)
         worker_env = dict(env, RAY_HEAD_ADDRESS=info["ray_address"], RAY_NUM_CPUS="1",
-                          RAY_NUM_GPUS="0", RAY_TEMP_DIR=str(ray_tmp), RAY_NODE_IP="127.0.0.1",
+                          RAY_NUM_GPUS="0", RAY_TEMP_DIR=str(ray_tmp),
                           RAY_OBJECT_STORE_BYTES=str(200 * 2**20),
                           RAY_DASHBOARD_AGENT_PORT=str(free_port()))
         services.append(Service("ray-worker", [str(SCRIPTS / "start-ray-worker.sh")], worker_env,
@@ -176,7 +176,7 @@ def test_smoke_sweep_through_run_sweep_lands_in_the_server_and_reports(stack, tm
 
     uri, experiment = stack["tracking_uri"], "regablate-deploy"
     env = dict(stack["env"], RAY_HEAD_ADDRESS=stack["ray_address"],
-               RAY_TEMP_DIR=str(stack["ray_tmp"]), RAY_NODE_IP="127.0.0.1",
+               RAY_TEMP_DIR=str(stack["ray_tmp"]),
                RAY_OBJECT_STORE_BYTES=str(100 * 2**20), RAY_DASHBOARD_AGENT_PORT=str(free_port()),
                RAY_USAGE_STATS_ENABLED="0")
     argv = [str(SCRIPTS / "run-sweep.sh"), "--preset", "smoke", "--address", stack["ray_address"],
