@@ -3,6 +3,6 @@
 # the compose health check of `ray-head` (and what the deployment test runs).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=ray-env.sh
+# shellcheck source=docker/scripts/ray-env.sh
 RAY_BLOCK=0 . "${here}/ray-env.sh"
 exec ray health-check --address "${1:-127.0.0.1:${RAY_PORT:-6379}}"

@@ -13,7 +13,7 @@ if [ -n "${RAY_HEAD_ADDRESS:-}" ]; then
     RAY_BLOCK=0 RAY_NUM_CPUS=0 RAY_NUM_GPUS=0 "${here}/start-ray-worker.sh"
     # exported by ray-env.sh in the child only: the driver needs the same auth mode
     if [ -z "${RAY_AUTH_MODE:-}" ]; then
-        # shellcheck source=ray-env.sh
+        # shellcheck source=docker/scripts/ray-env.sh
         RAY_BLOCK=0 . "${here}/ray-env.sh"
     fi
 fi

@@ -11,7 +11,7 @@
 # Extra arguments are passed on to `ray start`.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=ray-env.sh
+# shellcheck source=docker/scripts/ray-env.sh
 . "${here}/ray-env.sh"
 
 exec ray start --head \

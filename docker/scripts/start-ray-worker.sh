@@ -12,7 +12,7 @@ if [ -z "${RAY_HEAD_ADDRESS:-}" ]; then
     echo "error: RAY_HEAD_ADDRESS is unset, expected the head's host:port (e.g. ray-head:6379)" >&2
     exit 2
 fi
-# shellcheck source=ray-env.sh
+# shellcheck source=docker/scripts/ray-env.sh
 . "${here}/ray-env.sh"
 
 exec ray start --address "${RAY_HEAD_ADDRESS}" "${ray_common_args[@]}" "$@"

