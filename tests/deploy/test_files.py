@@ -370,21 +370,18 @@ def test_dockerfiles_pin_torch_to_the_tested_version():
     assert "download.pytorch.org/whl/cpu" in (DOCKER / "Dockerfile.cpu").read_text()
 
 
+STACK = ("ray", "mlflow", "optuna", "numpy", "pandas", "scipy", "nibabel", "nilearn",
+         "matplotlib", "pyyaml", "tqdm")
+
+
 def test_constraints_pin_the_tested_stack():
     pins = dict(line.strip().split("==") for line in (DOCKER / "constraints.txt").read_text()
                 .splitlines() if line.strip() and not line.startswith("#"))
-    for key in ("ray", "mlflow", "optuna", "numpy", "pandas", "scipy", "nibabel", "nilearn",
-                "matplotlib", "pyyaml", "psycopg2-binary", "aiohttp-cors"):
-        assert key in pins, key
-    # every pinned package that the venv has is pinned at the venv's version
-    drift = {}
-    for name, version in pins.items():
-        try:
-            have = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue  # image-only packages (ray[default] extras, psycopg2)
-        if have != version:
-            drift[name] = (version, have)
+    assert {"psycopg2-binary", "aiohttp-cors"} <= set(pins)  # image-only: server DB, dashboard
+    # the images run the versions the tests ran (transitive pins are checked only by the
+    # lock script, so that a newer patch of, say, certifi in a fresh venv is no failure)
+    drift = {name: (pins.get(name), metadata.version(name)) for name in STACK
+             if pins.get(name) != metadata.version(name)}
     assert not drift, f"docker/constraints.txt is stale, run docker/scripts/lock-constraints.sh: {drift}"
     assert not any(n == "torch" or n.startswith("nvidia-") for n in pins)
 
