@@ -56,10 +56,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m regcore.register",
-        description=__doc__.split("\n\n")[0].strip() + " See the module docstring for the "
-        "conventions. ddf_mm.nii.gz: (D,H,W,1,3), intent VECTOR; warped(x) = moving(x + u(x)) "
-        "with x a fixed-image voxel; component k along the fixed image's array axis k, in mm "
-        "(voxels x voxel size). For one-hot-trained models --moving/--fixed are seg4 label maps.",
+        description=__doc__.split("\n\n", 2)[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or its state.pt")
     parser.add_argument("--moving", required=True, help="moving image (.nii/.nii.gz)")
