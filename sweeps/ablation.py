@@ -546,7 +546,8 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
          "sweep.search_trials": plan.search_trials, "sweep.cpus_per_trial": plan.cpus_per_trial,
          "sweep.gpus_per_trial": plan.gpus_per_trial, "sweep.max_failures": plan.max_failures,
          "sweep.search_metric": plan.search_metric,
-         **plan.base_config().to_flat()},
+         **{k: v for k, v in plan.base_config().to_flat().items()
+            if k not in ("variant", "seed")}},
         run_id=plan.parent_run_id)
     if not plan.created_utc:
         plan.created_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -592,6 +593,20 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
           f"{slots} slot(s); the trials trained for {train_s:.1f} s in all: slots busy "
           f"{busy_pct:.1f} %, overhead {per_trial_overhead_s:.1f} s per trial (of which "
           f"{setup_s / max(len(rows), 1):.1f} s imports and MLflow set-up inside the trial)")
+    searched = [r for r in rows if r["group"] == "search" and r["status"] == "FINISHED"
+                and isinstance(r.get(plan.search_metric), float)
+                and r[plan.search_metric] == r[plan.search_metric]]
+    if searched:
+        pick = max if plan.search_mode == "max" else min
+        best = pick(searched, key=lambda r: r[plan.search_metric])
+        config = next(g for g in results["search"] if not g.error and (g.config or {}).get(
+            "variant") == best["variant"] and g.metrics.get("trial_id") == best["trial_id"]).config
+        weights = ", ".join(f"{k.split('.')[1].removesuffix('_weight')} {config[k]:.3g}"
+                            for k in sorted(config) if k.startswith("loss.")
+                            and k.endswith("_weight") and k.split(".")[1].removesuffix("_weight")
+                            in ("smooth", "magnitude", "rigidity", "jacobian", "bending"))
+        print(f"best weight-search trial ({plan.search_metric} {best[plan.search_metric]:.4g}): "
+              f"{best['variant']}, {weights}")
     for r in failed:
         print(f"FAILED {r['group']} {r['variant']}-s{r['seed']} ({r['trial_id']}): {r['error']}")
     tracking.log_metrics(client, plan.parent_run_id, {

@@ -69,7 +69,7 @@ PRESETS: dict[str, Preset] = {
                 "data.n_val": 2,
                 "model.enc_channels": [8, 16, 16, 16],
                 "model.dec_channels": [16, 16, 16, 16, 16, 8, 8],
-                "train.epochs": 4,
+                "train.epochs": 5,
                 "train.steps_per_epoch": 8,
                 "train.checkpoint_every": 1,
                 "train.eval_repeats": 1,
