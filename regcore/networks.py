@@ -355,10 +355,15 @@ class RegistrationModel(nn.Module):
             raise ValueError(f"moving and fixed must have the same shape, got {tuple(moving.shape)} "
                              f"and {tuple(fixed.shape)}")
         n = self.size_divisor
+        name = self.backbone_name or "U-Net"
         if any(s % n for s in moving.shape[2:]):
             raise ValueError(f"spatial sizes {tuple(moving.shape[2:])} must be divisible by "
                              f"{n} (2^{self.backbone.levels}: one 2x pooling per level of the "
-                             f"{self.backbone_name or 'U-Net'} backbone)")
+                             f"{name} backbone)")
+        if isinstance(self.backbone, SeedUNet) and min(moving.shape[2:]) < 2 * n:
+            raise ValueError(f"spatial sizes {tuple(moving.shape[2:])} must be at least {2 * n} "
+                             f"for the {name} backbone: its InstanceNorm needs more than one voxel "
+                             f"after {self.backbone.levels} poolings")
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         """Register `moving` to `fixed`, both (B, C, D, H, W) with C = `in_channels`.
