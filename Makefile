@@ -8,12 +8,13 @@ ARGS   ?=
 
 .PHONY: sweep test install clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# the CPU build of torch first: a looser requirement can pull a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# the rest pinned to the versions the images use (docker/constraints.txt)
+	$(PY) -m pip install --quiet -e '.[dev]' -c docker/constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
