@@ -128,33 +128,44 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: i
 
 # -- FLOPs ------------------------------------------------------------------------------------
 def conv_flops(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> float:
-    """FLOPs (2 x multiply-adds) of every Conv3d / ConvTranspose3d in one forward pass.
+    """FLOPs (2 x multiply-adds) of every convolution executed in one forward pass.
 
-    Counted from each layer's shapes during a real forward pass (forward hooks): a conv makes
-    (C_in / groups) x k^3 multiply-adds per output element; a transposed conv makes
-    (C_out / groups) x k^3 per input element. Other layers (pooling, norms, warps) are a few
-    FLOPs per voxel and left out.
+    Counted from the shapes of each convolution op that actually runs (`aten.convolution`,
+    `aten.mkldnn_convolution`, `aten.conv3d`, `aten.conv_transpose3d`, seen through a dispatch
+    mode): a conv makes (C_in / groups) x k^3 multiply-adds per output element; a transposed
+    conv (C_out / groups) x k^3 per input element. So the count is what the model computes (e.g. the fused upsample-conv of
+    `regcore.networks` counts its cheaper coarse conv), not a nominal layer count. Other ops
+    (pooling, norms, warps) are a few FLOPs per voxel and left out.
     """
-    total = [0.0]
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        k = 1
-        for size in module.kernel_size:
-            k *= size
-        if isinstance(module, torch.nn.ConvTranspose3d):
-            total[0] += 2.0 * inputs[0].numel() * module.out_channels / module.groups * k
-        else:
-            total[0] += 2.0 * output.numel() * module.in_channels / module.groups * k
+    aten = torch.ops.aten
+    # op -> transposed? (None: read the `transposed` argument of aten.convolution)
+    conv_ops = {aten.convolution.default: None, aten.mkldnn_convolution.default: False,
+                aten.conv3d.default: False, aten.conv3d.padding: False,
+                aten.conv_transpose3d.input: True}
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
-    try:
-        with torch.inference_mode():
-            model(moving, fixed)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total[0]
+    class _ConvCounter(TorchDispatchMode):
+        flops = 0.0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in conv_ops:
+                x, weight = args[0], args[1]
+                transposed = conv_ops[func]
+                if transposed is None:
+                    transposed = bool(args[6])
+                taps = weight[0, 0].numel()  # prod(kernel)
+                if transposed:  # weight (C_in, C_out / groups, k...)
+                    self.flops += 2.0 * x.numel() * weight.shape[1] * taps
+                else:  # weight (C_out, C_in / groups, k...)
+                    self.flops += 2.0 * out.numel() * weight.shape[1] * taps
+            return out
+
+    counter = _ConvCounter()
+    with torch.inference_mode(), counter:
+        model(moving, fixed)
+    return counter.flops
 
 
 # -- memory -----------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ Speed (CPU, issue 8) lives in a few named places:
 - `MEMORY_FORMAT`: activations are kept channels-last (NDHWC), oneDNN's native layout, so the
   convolutions run without layout reorders; the input pair is written into a channels-last
   buffer once (`concat_pair`).
+- `upsample_concat_conv`: "nearest x2 upsample, concatenate the skip, 3^3 conv" computed as
+  one coarse 2^3 conv per output parity plus the skip's conv: the same numbers with ~30 % fewer
+  FLOPs for the whole vxm network (312 -> 240 GFLOP at 128^3) and no upsampled tensor.
 - `ConvAct`: LeakyReLU applied in place on the convolution's output (no second full-size tensor).
 - `upsample_concat`: the nearest x2 upsampling writes straight into a preallocated concatenation
   buffer, next to the skip tensor: no upsampled intermediate, no `torch.cat` copy.
@@ -50,6 +53,7 @@ __all__ = [
     "build_backbone",
     "default_channels",
     "upsample_concat",
+    "upsample_concat_conv",
     "concat_pair",
     "count_parameters",
     "MEMORY_FORMAT",
@@ -157,6 +161,57 @@ def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            padding: int) -> torch.Tensor:
+    """Functional form of `Conv3d` (oneDNN on the CPU for float32)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled):
+        return torch.mkldnn_convolution(x, weight, bias, (padding,) * 3, (1, 1, 1), (1, 1, 1), 1)
+    return F.conv3d(x, weight, bias, padding=padding)
+
+
+# For fine position X = 2i + p along one axis, the 3 taps k = 0, 1, 2 (offsets -1, 0, +1) of a
+# conv on the nearest-upsampled tensor read coarse voxels i - 1 + t of a 2-tap window t = 0, 1:
+# parity p = 0: k=0 -> t=0, k=1 -> t=1, k=2 -> t=1; parity p = 1: k=0 -> t=0, k=1 -> t=0,
+# k=2 -> t=1. _TAP_MAP[p, k, t] = 1 where tap k lands on window tap t.
+_TAP_MAP = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]],
+                         [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+
+
+def upsample_concat_conv(x: torch.Tensor, skip: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """`leaky_relu(conv(upsample_concat(x, skip)), 0.2)` without upsampling anything.
+
+    x: (B, Cx, d, h, w); skip: (B, Cs, 2d, 2h, 2w); conv: 3^3, padding 1, Cx + Cs -> O.
+    A 3^3 conv of a nearest-upsampled tensor is, for each of the 8 parities of the output
+    position, a 2^3 conv of the coarse tensor with summed taps (`_TAP_MAP`). All 8 run as ONE
+    coarse 2^3 conv with 8 x O outputs (8 x 8 instead of 27 x 8 multiply-adds per coarse voxel
+    and channel pair: 3.4x fewer for the upsampled channels); their outputs are added into the
+    parity positions of the skip channels' ordinary conv. Exact up to float rounding, with the
+    same parameters (and state dict) as the plain path; zero padding matches because the
+    upsampled tensor's padding is the coarse tensor's padding.
+    """
+    b, cx, d, h, w = x.shape
+    weight = conv.weight  # (O, Cx + Cs, 3, 3, 3)
+    out_channels = weight.shape[0]
+    taps = _TAP_MAP.to(device=weight.device, dtype=weight.dtype)
+    # (O, Cx, 3, 3, 3) -> (2, 2, 2, O, Cx, 2, 2, 2): parities (pd, ph, pw), window taps
+    coarse_weight = torch.einsum("pat,qbu,rcv,oiabc->pqroituv", taps, taps, taps,
+                                 weight[:, :cx]).reshape(8 * out_channels, cx, 2, 2, 2)
+    coarse = _conv3d(x, coarse_weight, None, padding=1)  # (B, 8 O, d + 1, h + 1, w + 1)
+    y = _conv3d(skip, weight[:, cx:], conv.bias, padding=1)  # (B, O, 2d, 2h, 2w)
+    parities = y.unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2))
+    index = 0
+    for pd in (0, 1):
+        for ph in (0, 1):
+            for pw in (0, 1):
+                part = coarse[:, index * out_channels:(index + 1) * out_channels,
+                              pd:pd + d, ph:ph + h, pw:pw + w]
+                parities[:, :, :, pd, :, ph, :, pw].add_(part)
+                index += 1
+    return F.leaky_relu_(y, 0.2)
+
+
 class VxmUNet(nn.Module):
     """VoxelMorph's U-Net.
 
@@ -190,15 +245,27 @@ class VxmUNet(nn.Module):
             prev = width
         self.out_channels = prev
 
+        #: compute each "upsample, concatenate, conv" as `upsample_concat_conv` (same result,
+        #: ~30 % fewer FLOPs in the whole network); False = the plain three steps
+        self.fuse_upsample = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for conv in self.encoder:
             x = conv(x)
             skips.append(x)
             x = F.max_pool3d(x, 2)
-        for conv, skip in zip(self.up_convs, reversed(skips)):
-            x = upsample_concat(conv(x), skip)
-        for conv in self.full_res:
+        # each conv of the decoder but the first reads an upsampled-and-concatenated tensor
+        x = self.up_convs[0](x)
+        after_upsample = [*self.up_convs[1:], *self.full_res]
+        for level, skip in enumerate(reversed(skips)):
+            if level < len(after_upsample) and self.fuse_upsample:
+                x = upsample_concat_conv(x, skip, after_upsample[level].conv)
+            else:
+                x = upsample_concat(x, skip)
+                if level < len(after_upsample):
+                    x = after_upsample[level](x)
+        for conv in after_upsample[self.levels:]:
             x = conv(x)
         return x
 

@@ -289,6 +289,27 @@ def test_upsample_concat_matches_interpolate_and_cat():
         upsample_concat(x, skip[:, :, :6])
 
 
+@pytest.mark.parametrize("dec", [(8, 8, 8, 8, 8, 4, 4), (8, 8, 8, 8), (8, 8, 8, 8, 6)])
+def test_fused_upsample_conv_equals_plain_decoder(pair, dec):
+    # same parameters, fused (coarse 2^3 conv per parity) vs upsample + concat + 3^3 conv:
+    # equal outputs and equal gradients for every parameter
+    moving, fixed = pair
+    model = build_model(ModelConfig(enc_channels=(4, 8, 8, 8), dec_channels=dec), 5,
+                        affine=True)
+    results = []
+    for fuse in (True, False):
+        model.backbone.fuse_upsample = fuse
+        out = model(moving, fixed)
+        features = model.backbone(torch.cat([moving, fixed], dim=1))
+        loss = out.warped.square().sum() + 1e3 * out.dense_ddf_vox.sum() + features.square().sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((features.detach(), grads))
+    (f_fused, g_fused), (f_plain, g_plain) = results
+    assert torch.allclose(f_fused, f_plain, atol=1e-5, rtol=1e-5)
+    for got, want in zip(g_fused, g_plain):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_concat_pair_matches_cat():
     a, b = torch.rand(1, 2, 4, 4, 4), torch.rand(1, 3, 4, 4, 4)
     out = concat_pair(a, b)
