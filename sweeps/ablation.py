@@ -253,8 +253,8 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
     if data_dir is not None:
         data_path = Path(str(data_dir)).expanduser()
         data_path = data_path if data_path.is_absolute() else cwd / data_path
-        if not data_path.is_dir():
-            raise FileNotFoundError(f"--data-dir {data_dir}: no such directory")
+        if not data_path.exists():  # a Neurite OASIS folder, or the study's list of .npy files
+            raise FileNotFoundError(f"--data-dir {data_dir}: no such file or directory")
         overrides["data.data_dir"] = str(data_path.resolve())
     elif preset.requires_data_dir:
         raise UsageError(f"--preset {preset.name} needs --data-dir (the Neurite OASIS directory)")
@@ -506,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Tune snapshots its experiment state at most every 10 s by default; a driver killed in
     # between loses trial completions. A small sweep's state is tiny: snapshot often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if args.address and "RAY_AUTH_MODE" not in os.environ and (
             Path.home() / ".ray" / "auth_token").exists():
         # A head started with ~/.ray/auth_token present enables token auth; a driver joining it

@@ -43,7 +43,7 @@ BAD_INPUTS = [
     (["--variants", "baseline,foo"], "unknown variant 'foo'"),
     (["--set", "loss.smooth_weight=-1"], "loss.smooth_weight == -1.0, must be >= 0"),
     (["--set", "regloss:loss.jacobian_weight=-0.5"], "loss.jacobian_weight == -0.5"),
-    (["--data-dir", "no/such/dir"], "--data-dir no/such/dir: no such directory"),
+    (["--data-dir", "no/such/dir"], "--data-dir no/such/dir: no such file or directory"),
     (["--tracking-uri", "http://127.0.0.1:{port}"], "tracking server http://127.0.0.1:"),
     (["--tracking-uri", "http://user:hunter2@127.0.0.1:{port}"], "is unreachable"),
     (["--resume"], "--resume: no sweep to resume"),
