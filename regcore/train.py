@@ -38,8 +38,10 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -50,6 +52,7 @@ import torch
 from regcore.checkpoint import (
     capture_rng,
     check_compatible,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     restore_rng,
@@ -161,6 +164,16 @@ def _nonfinite_message(epoch: int, step: int, terms: dict[str, torch.Tensor],
     return f"loss became non-finite at epoch {epoch}, step {step}: {which}"
 
 
+def _drop_stale_checkpoints(root: Path, start_epoch: int) -> None:
+    """Remove checkpoints of an earlier run in the same folder at epochs this run will redo, so
+    that the newest checkpoint on disk is always this run's (pruning keeps the newest)."""
+    for directory in list_checkpoints(root):
+        if int(directory.name.split("_")[-1]) >= start_epoch:
+            warnings.warn(f"removing the stale checkpoint {directory} of an earlier run "
+                          f"(this run starts at epoch {start_epoch})", stacklevel=3)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.PathLike,
           resume_from: str | os.PathLike | None = None) -> TrainResult:
     """Train `config`'s variant, evaluate it on the test pairs, return a `TrainResult`.
@@ -209,6 +222,7 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
         if checkpoint_dir.is_file():
             checkpoint_dir = checkpoint_dir.parent
 
+    _drop_stale_checkpoints(ckpt_root, start_epoch)
     epochs = config.train.epochs
     history: list[dict[str, float]] = []
     metrics: dict[str, float] = {}

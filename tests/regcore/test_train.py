@@ -232,3 +232,14 @@ def test_command_resume_from_other_backbone_exit_2(full_run, tmp_path, capsys):
     assert err.count("\n") == 1
     assert "backbone 'vxm'" in err and "backbone 'seed'" in err
     assert not out.exists()
+
+
+def test_fresh_run_removes_stale_checkpoints_of_an_earlier_run(tiny, tmp_path):
+    stale = tmp_path / "checkpoints" / "epoch_0009"
+    stale.mkdir(parents=True)
+    (stale / "state.pt").write_bytes(b"from an earlier, longer run")
+    config = tiny(train__epochs=1, train__steps_per_epoch=1, variant="baseline")
+    with pytest.warns(UserWarning, match="removing the stale checkpoint"):
+        result = train(config, out_dir=tmp_path)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["epoch_0001"]
+    assert latest_valid_checkpoint(tmp_path / "checkpoints")[0] == result.checkpoint_dir
