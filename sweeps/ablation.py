@@ -325,11 +325,6 @@ def _check_resume_conflicts(args: argparse.Namespace, stored: SweepPlan, cwd: Pa
 
 
 # -- running ------------------------------------------------------------------------------
-def _trial_name(trial) -> str:
-    config = trial.config
-    return f"{config.get('variant')}-s{config.get('seed')}-{trial.trial_id}"
-
-
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -363,7 +358,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
     from ray.tune.search.optuna import OptunaSearch
 
     from sweeps.space import ablation_space, search_space, search_variants
-    from sweeps.trainable import RunCloser, run_trial
+    from sweeps.trainable import RunCloser, run_trial, trial_display_name
 
     resources = {"cpu": plan.cpus_per_trial}
     if plan.gpus_per_trial > 0:
@@ -385,7 +380,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
         return tune.Tuner(
             trainable, param_space=ablation_space(base, plan.variants, plan.seeds),
             tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots,
-                                        trial_name_creator=_trial_name,
+                                        trial_name_creator=trial_display_name,
                                         trial_dirname_creator=_trial_dirname),
             run_config=run_config("ablation"))
 
@@ -399,7 +394,9 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
             sampler = optuna.samplers.TPESampler(
                 seed=plan.seeds[0], n_startup_trials=max(1, plan.search_trials // 2))
             searcher = OptunaSearch(points_to_evaluate=points, sampler=sampler)
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.epochs,
+            # max_t one past the last epoch: at max_t ASHA stops the trial inside its last
+            # report, before it could log its artifacts; trials end on their own there.
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.epochs + 1,
                                       grace_period=1, reduction_factor=2)
             return tune.Tuner(
                 trainable, param_space=space,
@@ -407,7 +404,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
                     metric=plan.search_metric, mode=plan.search_mode, search_alg=searcher,
                     scheduler=scheduler, num_samples=plan.search_trials,
                     max_concurrent_trials=slots, reuse_actors=True,
-                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
+                    trial_name_creator=trial_display_name, trial_dirname_creator=_trial_dirname),
                 run_config=run_config("search"))
 
         results["search"] = _fit("search", plan, sweep_dir, trainable, search_tuner)

@@ -47,12 +47,33 @@ def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return flat, meta
 
 
-def run_name(variant: str, seed: int, group: str, trial_id: str) -> str:
-    """`<variant>-s<seed>` for the ablation grid, `<variant>-search-<n>` for the weight search."""
+def run_name(variant: str, seed: int, group: str, index: int | str) -> str:
+    """`<variant>-s<seed>` for the ablation grid, `<variant>-search-<n>` for the weight search
+    (`n` counts the search's trials from 1)."""
     if group == "search":
-        index = trial_id.rsplit("_", 1)[-1]
-        return f"{variant}-search-{int(index) if index.isdigit() else index}"
+        return f"{variant}-search-{index}"
     return f"{variant}-s{seed}"
+
+
+def trial_display_name(trial) -> str:
+    """Tune's trial name: the MLflow run name, then `_<trial id>` (Tune's trial_name_creator).
+
+    Tune's experiment tag starts with the trial's index: 1-based from a searcher (the weight
+    search), which is the `n` of `<variant>-search-<n>`.
+    """
+    config = trial.config
+    head = str(trial.experiment_tag).split("_", 1)[0]
+    index = int(head) if head.isdigit() else trial.trial_id
+    name = run_name(str(config.get("variant")), config.get("seed"),
+                    str(config.get(GROUP_KEY, "ablation")), index)
+    return f"{name}_{trial.trial_id}"
+
+
+def _run_name_of(context, variant: str, seed: int, group: str, trial_id: str) -> str:
+    name = context.get_trial_name()
+    if name.endswith(f"_{trial_id}"):
+        return name[: -len(trial_id) - 1]
+    return run_name(variant, seed, group, trial_id)
 
 
 def _bool(value: bool) -> str:
@@ -100,7 +121,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     }
     run_id, _attempt = tracking.get_or_create_child(
         client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
-        run_name(cfg.variant, cfg.seed, group, trial_id), tags,
+        _run_name_of(context, cfg.variant, cfg.seed, group, trial_id), tags,
         tracking.flat_params(cfg.to_flat()), existing=done)
 
     checkpoint = tune.get_checkpoint()

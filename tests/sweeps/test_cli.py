@@ -123,8 +123,20 @@ def test_search_space_ranges_and_guaranteed_points():
 
 
 def test_run_names():
-    assert run_name("baseline", 2, "ablation", "abc_00003") == "baseline-s2"
-    assert run_name("regloss", 0, "search", "abc_00003") == "regloss-search-3"
+    from types import SimpleNamespace
+
+    from sweeps.trainable import trial_display_name
+
+    assert run_name("baseline", 2, "ablation", 4) == "baseline-s2"
+    assert run_name("regloss", 0, "search", 3) == "regloss-search-3"
+    grid = SimpleNamespace(config={"variant": "baseline", "seed": 1,
+                                   "regablate.group": "ablation"},
+                           experiment_tag="2_seed=1,variant=baseline", trial_id="ab12c_00002")
+    assert trial_display_name(grid) == "baseline-s1_ab12c_00002"
+    searched = SimpleNamespace(config={"variant": "regloss", "seed": 0,
+                                       "regablate.group": "search"},
+                               experiment_tag="3_loss.smooth_weight=0.02", trial_id="9f3e2a1b")
+    assert trial_display_name(searched) == "regloss-search-3_9f3e2a1b"
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -46,15 +46,19 @@ def test_smoke_sweep_end_to_end(sweep_env):
     assert parent.data.tags["regablate.sweep_id"] == "smoke-e2e"
     assert len(children) == 4 + 2
     assert len({r.data.tags["regablate.trial_id"] for r in children}) == len(children)
-
     client = mlflow_client(sweep_env)
+
     ablation = [r for r in children if r.data.tags["regablate.group"] == "ablation"]
     search = [r for r in children if r.data.tags["regablate.group"] == "search"]
     assert sorted(r.info.run_name for r in ablation) == sorted(f"{v}-s0" for v in VARIANTS)
     assert len(search) == 2
+    assert sorted(r.info.run_name.rsplit("-", 1)[1] for r in search) == ["1", "2"]
     for run in search:
         assert run.info.run_name.startswith(f"{run.data.tags['regablate.variant']}-search-")
         assert VARIANTS[run.data.tags["regablate.variant"]].regularize
+        if run.data.tags.get("regablate.stopped_early") != "true":  # ran all epochs
+            assert "test.dice_mean" in run.data.metrics
+            assert "per_pair.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
     # the study's weights were evaluated (points_to_evaluate) for both regularizing variants
     assert sorted(r.data.tags["regablate.variant"] for r in search) == ["combined_enhanced",
                                                                        "regloss"]
