@@ -21,7 +21,7 @@ Speed (CPU, issue 8) lives in a few named places:
   convolutions run without layout reorders; the input pair is written into a channels-last
   buffer once (`concat_pair`).
 - `upsample_concat_conv`: "nearest x2 upsample, concatenate the skip, 3^3 conv" computed as
-  one coarse 2^3 conv per output parity plus the skip's conv: the same numbers with ~30 % fewer
+  one coarse 2^3 conv per output parity plus the skip's conv: the same numbers with ~23 % fewer
   FLOPs for the whole vxm network (312 -> 240 GFLOP at 128^3) and no upsampled tensor.
 - `ConvAct`: LeakyReLU applied in place on the convolution's output (no second full-size tensor).
 - `upsample_concat`: the nearest x2 upsampling writes straight into a preallocated concatenation
@@ -106,6 +106,12 @@ def concat_pair(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
 class Conv3d(nn.Conv3d):
     """`nn.Conv3d` that always takes oneDNN's kernel for float32 on the CPU.
 
@@ -113,17 +119,23 @@ class Conv3d(nn.Conv3d):
     batch x channels x D x H <= 20480 (a heuristic tuned for 2D), i.e. for every 3D conv of the
     U-Net at 32^3 and below; there oneDNN is ~8-10x faster on this machine (16->32 channels at
     32^3: 0.10 s -> 0.01 s, one thread) and gives the same result to float rounding. Other
-    devices, dtypes and autocast take the ordinary path (bf16 always goes to oneDNN).
+    devices, dtypes and autocast take the ordinary path (bf16 goes to oneDNN where the CPU
+    supports it).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
-                and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
-                and torch.backends.mkldnn.enabled):
+        if self.padding_mode == "zeros" and _use_onednn(x, self.weight):
             return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
                                             self.dilation, self.groups)
         return super().forward(x)
+
+
+def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            padding: int) -> torch.Tensor:
+    """Functional form of `Conv3d` (stride 1)."""
+    if _use_onednn(x, weight):
+        return torch.mkldnn_convolution(x, weight, bias, (padding,) * 3, (1, 1, 1), (1, 1, 1), 1)
+    return F.conv3d(x, weight, bias, padding=padding)
 
 
 class ConvAct(nn.Module):
@@ -161,16 +173,6 @@ def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            padding: int) -> torch.Tensor:
-    """Functional form of `Conv3d` (oneDNN on the CPU for float32)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled):
-        return torch.mkldnn_convolution(x, weight, bias, (padding,) * 3, (1, 1, 1), (1, 1, 1), 1)
-    return F.conv3d(x, weight, bias, padding=padding)
-
-
 # For fine position X = 2i + p along one axis, the 3 taps k = 0, 1, 2 (offsets -1, 0, +1) of a
 # conv on the nearest-upsampled tensor read coarse voxels i - 1 + t of a 2-tap window t = 0, 1:
 # parity p = 0: k=0 -> t=0, k=1 -> t=1, k=2 -> t=1; parity p = 1: k=0 -> t=0, k=1 -> t=0,
@@ -200,16 +202,50 @@ def upsample_concat_conv(x: torch.Tensor, skip: torch.Tensor, conv: nn.Conv3d) -
                                  weight[:, :cx]).reshape(8 * out_channels, cx, 2, 2, 2)
     coarse = _conv3d(x, coarse_weight, None, padding=1)  # (B, 8 O, d + 1, h + 1, w + 1)
     y = _conv3d(skip, weight[:, cx:], conv.bias, padding=1)  # (B, O, 2d, 2h, 2w)
-    parities = y.unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2))
+    return F.leaky_relu_(_AddParities.apply(y, coarse), 0.2)
+
+
+def _parity_views(fine: torch.Tensor, coarse: torch.Tensor):
+    """Pairs (fine positions of one parity, the coarse conv's outputs for them), 8 of them.
+
+    fine (B, O, 2d, 2h, 2w); coarse (B, 8 O, d + 1, h + 1, w + 1) with channel blocks in the
+    parity order (pd, ph, pw) of `_TAP_MAP`'s einsum; parity p reads window start i + p.
+    """
+    b, o, d2, h2, w2 = fine.shape
+    d, h, w = d2 // 2, h2 // 2, w2 // 2
+    blocks = fine.unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2))
     index = 0
     for pd in (0, 1):
         for ph in (0, 1):
             for pw in (0, 1):
-                part = coarse[:, index * out_channels:(index + 1) * out_channels,
-                              pd:pd + d, ph:ph + h, pw:pw + w]
-                parities[:, :, :, pd, :, ph, :, pw].add_(part)
+                yield (blocks[:, :, :, pd, :, ph, :, pw],
+                       coarse[:, index * o:(index + 1) * o, pd:pd + d, ph:ph + h, pw:pw + w])
                 index += 1
-    return F.leaky_relu_(y, 0.2)
+
+
+class _AddParities(torch.autograd.Function):
+    """fine[parity p] += coarse[block p, shifted by p], in place on `fine`.
+
+    A hand-written backward: autograd's own (8 in-place adds on strided views) would zero-fill
+    and copy a full coarse-sized gradient per parity, 8x the memory traffic; here the gradient
+    of the coarse tensor is gathered once.
+    """
+
+    @staticmethod
+    def forward(ctx, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(fine)
+        ctx.coarse_shape = coarse.shape
+        for fine_part, coarse_part in _parity_views(fine, coarse):
+            fine_part.add_(coarse_part)
+        return fine
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # the coarse positions no parity reads (its outer faces) get a zero gradient
+        grad_coarse = grad.new_zeros(ctx.coarse_shape).contiguous(memory_format=MEMORY_FORMAT)
+        for grad_part, coarse_part in _parity_views(grad, grad_coarse):
+            coarse_part.copy_(grad_part)
+        return grad, grad_coarse
 
 
 class VxmUNet(nn.Module):
