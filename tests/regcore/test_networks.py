@@ -37,6 +37,15 @@ def tiny_model(backbone: str, affine: bool, in_channels: int = 5, **extra) -> to
                        affine=affine)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP barrier stalls on a shared CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def pair():
     """One-hot-like moving and fixed images (B=2, C=5) on SHAPE, seeded."""
@@ -289,11 +298,12 @@ def test_upsample_concat_matches_interpolate_and_cat():
         upsample_concat(x, skip[:, :, :6])
 
 
-@pytest.mark.parametrize("dec", [(8, 8, 8, 8, 8, 4, 4), (8, 8, 8, 8), (8, 8, 8, 8, 6)])
+@pytest.mark.parametrize("dec", [(8, 8, 8, 8, 8, 4, 4), (8, 8, 8, 8)])
 def test_fused_upsample_conv_equals_plain_decoder(pair, dec):
     # same parameters, fused (coarse 2^3 conv per parity) vs upsample + concat + 3^3 conv:
-    # equal outputs and equal gradients for every parameter
-    moving, fixed = pair
+    # equal outputs and equal gradients for every parameter (decoder with and without
+    # full-resolution convs after the last upsampling)
+    moving, fixed = (image[:1, :, :, :, :16] for image in pair)
     model = build_model(ModelConfig(enc_channels=(4, 8, 8, 8), dec_channels=dec), 5,
                         affine=True)
     results = []
