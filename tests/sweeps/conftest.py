@@ -24,34 +24,39 @@ ABLATION = REPO / "sweeps" / "ablation.py"
 MARK = "REGABLATE_TEST_MARK"
 
 
-def marked_pids(mark: str) -> list[int]:
-    """Pids of live processes whose environment holds MARK=mark."""
+def marked_pids(mark: str, workdir: Path | None = None) -> list[int]:
+    """Pids of live processes whose environment holds MARK=mark, or (Ray's Python agents
+    rewrite their environment area with their process title) whose working directory is
+    inside `workdir`, the test's own temporary directory."""
     needle = f"{MARK}={mark}".encode()
+    root = str(workdir.resolve()) if workdir is not None else None
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environ = (entry / "environ").read_bytes()
+            cwd = os.readlink(entry / "cwd") if root else ""
         except OSError:
             continue
-        if needle in environ.split(b"\0"):
+        if needle in environ.split(b"\0") or (root and (cwd == root or
+                                                        cwd.startswith(root + os.sep))):
             pids.append(int(entry.name))
     return pids
 
 
-def kill_marked(mark: str, grace_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, every process carrying our mark."""
-    pids = marked_pids(mark)
+def kill_marked(mark: str, grace_s: float = 3.0, workdir: Path | None = None) -> None:
+    """SIGTERM, then SIGKILL, every process carrying our mark (or working in `workdir`)."""
+    pids = marked_pids(mark, workdir)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     deadline = time.time() + grace_s
-    while time.time() < deadline and marked_pids(mark):
+    while time.time() < deadline and marked_pids(mark, workdir):
         time.sleep(0.2)
-    for pid in marked_pids(mark):
+    for pid in marked_pids(mark, workdir):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -92,7 +97,7 @@ class SweepEnv:
                                 stdout=handle, stderr=subprocess.STDOUT)
 
     def cleanup(self) -> None:
-        kill_marked(self.mark)
+        kill_marked(self.mark, workdir=self.workdir)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
 
