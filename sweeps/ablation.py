@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", help="volume shape: N or D,H,W")
     p.add_argument("--data-dir", help="Neurite OASIS directory (default: the embedded cohort)")
     p.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="any dotted regcore config key, e.g. --set loss.smooth_weight=0.02")
+                   help="any dotted regcore config key, e.g. --set loss.smooth_weight=0.02; "
+                        "VARIANT:KEY=VALUE for one variant only, e.g. "
+                        "--set regloss:train.nan_at_epoch=2")
     p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (= torch threads)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial")
     p.add_argument("--max-failures", type=int, help="retries of a failed trial from its last "
