@@ -498,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw_uri = tracking.resolve_tracking_uri(args.tracking_uri or
                                                 tracking.DEFAULT_TRACKING_URI, cwd)
     tracking.check_tracking_uri(raw_uri)
+    if plan.overrides.get("data.data_dir") is not None:
+        from regcore.data import check_data
+
+        check_data(plan.base_config().data)  # every file of the split, before Ray starts
     report_dir = Path(args.report_dir) if args.report_dir else cwd / "reports" / plan.sweep_id
 
     # 2. Ray, and the resources one trial asks for.
@@ -532,10 +536,7 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
 
     # 3. Data, the MLflow store (created once, here), the parent run, the sweep's state.
     if plan.overrides.get("data.data_dir") is None:
-        try:
-            from regcore.data import ensure_embedded
-        except ImportError:  # the package may not re-export it
-            from regcore.data.embedded import ensure_embedded
+        from regcore.data import ensure_embedded
 
         ensure_embedded(plan.base_config().data)
     plan.experiment_id = tracking.ensure_experiment(raw_uri, plan.experiment)

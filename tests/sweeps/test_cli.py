@@ -44,6 +44,7 @@ BAD_INPUTS = [
     (["--set", "loss.smooth_weight=-1"], "loss.smooth_weight == -1.0, must be >= 0"),
     (["--set", "regloss:loss.jacobian_weight=-0.5"], "loss.jacobian_weight == -0.5"),
     (["--data-dir", "no/such/dir"], "--data-dir no/such/dir: no such file or directory"),
+    (["--data-dir", "empty"], "data.data_dir == "),  # a folder without subjects
     (["--tracking-uri", "http://127.0.0.1:{port}"], "tracking server http://127.0.0.1:"),
     (["--tracking-uri", "http://user:hunter2@127.0.0.1:{port}"], "is unreachable"),
     (["--resume"], "--resume: no sweep to resume"),
@@ -70,6 +71,7 @@ def test_bad_input_one_line_exit_2_nothing_created(tmp_path, argv, expected):
     expected = expected.format(port=port)
     if argv[0] == "--resume" and len(argv) > 1:
         _write_state(tmp_path)
+    (tmp_path / "empty").mkdir()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, str(ABLATION), *argv], cwd=tmp_path, env=env,
