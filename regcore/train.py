@@ -279,8 +279,11 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
         metrics = {"epoch": float(epoch), "train.loss_total": total_sum / n}
         for name, value in sums.items():
             metrics[f"train.loss_{name}"] = value / n
+        # share of each weighted term in the sum of their magnitudes: well defined (in [0, 1],
+        # summing to 1) also when a term is negative, as local NCC is
+        magnitude = sum(abs(value) for value in weighted_sums.values())
         for name, value in weighted_sums.items():
-            metrics[f"train.share_{name}"] = value / total_sum if total_sum != 0 else float("nan")
+            metrics[f"train.share_{name}"] = abs(value) / magnitude if magnitude else float("nan")
         metrics["train.reg_factor"] = factor
         metrics["train.lr"] = float(optimizer.param_groups[0]["lr"])
         metrics["train.epoch_s"] = time.perf_counter() - started

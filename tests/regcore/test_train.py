@@ -96,6 +96,20 @@ def test_reports_every_epoch_with_the_contract_names(full_run):
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["epoch_0002", "epoch_0003"]
 
 
+def test_shares_stay_in_unit_interval_when_ncc_is_negative(tiny, tmp_path):
+    # local NCC is a negative loss, so weighted / total would leave [0, 1]; shares are
+    # |weighted term| / sum |weighted terms|
+    config = tiny(data__modality="intensity", train__epochs=1, train__checkpoint_every=1)
+    recorder = Recorder()
+    train(config, recorder, out_dir=tmp_path)
+    metrics = recorder.calls[-1][0]
+    assert metrics["train.loss_ncc"] < 0
+    shares = {k: v for k, v in metrics.items() if k.startswith("train.share_")}
+    assert all(0.0 <= v <= 1.0 for v in shares.values()), shares
+    assert sum(shares.values()) == pytest.approx(1.0, rel=1e-6)
+    assert shares["train.share_smooth"] > 0  # the regularizer is in the loss
+
+
 def test_per_pair_table_and_example(full_run):
     config, _, result, out = full_run
     table = pd.read_csv(out / "per_pair.csv")
