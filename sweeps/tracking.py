@@ -13,6 +13,26 @@ by `Tuner.restore`, so the sweep logs itself:
 
 Tracking URIs may carry `user:password@`; `redact_uri` strips them before a URI is written
 anywhere (tags, params, sweep state, messages).
+
+A tracking server that is unreachable for a while (restarted, redeployed, a network blip) is
+ridden out by MLflow's own REST client, with an explicit budget: `client_for` sets
+`HTTP_RETRY_ENV` in the process's environment (driver and every trial; a value the operator
+already exported wins). Every REST call (metrics, params, tags, run status, artifact uploads
+through `--serve-artifacts`) is retried by urllib3 after 0, 4, 8, 16, 32 and 64 s (backoff
+factor 2, plus up to 1 s of jitter each): a call whose connection is refused is given up only
+after its 7th attempt, about 124-130 s after the first one, so an outage of up to ~2 minutes
+costs a trial that long a pause and nothing else: the call that was waiting goes through once
+the server answers, with its original step and timestamp, and no metric is lost
+(tests/sweeps/test_mlflow_outage.py kills the server mid-sweep and restarts it). A server that
+hangs instead of refusing adds up to `MLFLOW_HTTP_REQUEST_TIMEOUT` (30 s) per attempt.
+Beyond the budget the call fails with `TrackingUnreachableError`, one line naming the server
+(redacted) and the budget: the trial fails (and is retried by Tune if `--max-failures`
+allows) without writing to the server again; its run is left RUNNING and the driver ends it
+(FAILED) at the end of the sweep if the server answers by then, else the driver's own call
+fails with the same one-line error.
+Known limit: all methods are retried, so a request the server applied just before it died,
+whose answer was lost, is sent again (identical metrics are then stored twice at the same
+step and timestamp; a lost `create_run` answer would give a trial a second run).
 """
 
 from __future__ import annotations
@@ -42,11 +62,76 @@ __all__ = [
     "close_stale_children",
     "flat_params",
     "TAG",
+    "HTTP_RETRY_ENV",
+    "RETRY_BUDGET_S",
+    "TrackingUnreachableError",
+    "configure_http_retries",
+    "guard",
 ]
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "regablate."
 _HTTP_TIMEOUT_S = 3.0
+
+#: MLflow's REST client settings for every process of a sweep (see the module docstring).
+HTTP_RETRY_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "6",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1.0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+#: Seconds between a call's first and last attempt with HTTP_RETRY_ENV, jitter left out:
+#: urllib3 2 waits 0 s before the first retry, then factor * 2 ** (n - 1) before the n-th.
+RETRY_BUDGET_S = sum(0 if n == 1 else 2 * 2 ** (n - 1) for n in range(1, 7))  # 124
+
+
+class TrackingUnreachableError(RuntimeError):
+    """The tracking server did not answer within the retry budget."""
+
+
+def configure_http_retries() -> None:
+    """Put HTTP_RETRY_ENV into os.environ where unset (MLflow reads it at every request)."""
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """True when `error` (or what it was raised from) is a connection failure or time-out of
+    the HTTP client, i.e. retries ran out, not an answer of the server."""
+    import requests
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                              requests.exceptions.RetryError)):
+            return True
+        if "Max retries exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class guard:
+    """Turn a retries-exhausted MLflow error of `client` into TrackingUnreachableError."""
+
+    def __init__(self, client, what: str) -> None:
+        self.client, self.what = client, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if isinstance(error, TrackingUnreachableError):  # from a nested guard
+            return False
+        if error is not None and isinstance(error, Exception) and _is_unreachable(error):
+            uri = redact_uri(str(getattr(self.client, "tracking_uri", "?")))
+            budget = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "?")
+            raise TrackingUnreachableError(
+                f"tracking server {uri} unreachable while {self.what}: gave up after "
+                f"{budget} retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES; ~{RETRY_BUDGET_S} s with "
+                f"the sweep's defaults), last error {type(error).__name__}") from None
+        return False
 
 
 def redact_uri(uri: str) -> str:
@@ -111,6 +196,7 @@ def check_tracking_uri(uri: str) -> None:
 def client_for(uri: str):
     import mlflow
 
+    configure_http_retries()
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
@@ -169,11 +255,12 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
 
 
 def find_child(client, experiment_id: str, sweep_id: str, trial_id: str):
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=(f"tags.`{TAG}sweep_id` = '{sweep_id}' and "
-                       f"tags.`{TAG}trial_id` = '{trial_id}' and tags.`{TAG}role` = 'trial'"),
-        max_results=2)
+    with guard(client, f"looking up the run of trial {trial_id}"):
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=(f"tags.`{TAG}sweep_id` = '{sweep_id}' and "
+                           f"tags.`{TAG}trial_id` = '{trial_id}' and tags.`{TAG}role` = 'trial'"),
+            max_results=2)
     return found[0] if found else None
 
 
@@ -183,6 +270,13 @@ def get_or_create_child(client, experiment_id: str, parent_run_id: str, sweep_id
     """(run_id, attempt): the trial's one run, reopened (RUNNING) if `existing` (the run that
     `find_child` found) is given, else created. `attempt` counts the starts of the trial, kept in
     the tag `regablate.attempts`."""
+    with guard(client, f"opening the run of trial {trial_id}"):
+        return _get_or_create_child(client, experiment_id, parent_run_id, sweep_id, trial_id,
+                                    run_name, tags, params, existing)
+
+
+def _get_or_create_child(client, experiment_id, parent_run_id, sweep_id, trial_id, run_name,
+                         tags, params, existing) -> tuple[str, int]:
     from mlflow.entities import RunTag
 
     if existing is not None:
@@ -216,9 +310,10 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int,
             value = math.copysign(1.7976931348623157e308, value)
         items.append(Metric(key, value, now, step))
     tag_items = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for start in range(0, max(len(items), 1), 500):
-        client.log_batch(run_id, metrics=items[start:start + 500],
-                         tags=tag_items if start == 0 else [])
+    with guard(client, f"logging metrics at step {step}"):
+        for start in range(0, max(len(items), 1), 500):
+            client.log_batch(run_id, metrics=items[start:start + 500],
+                             tags=tag_items if start == 0 else [])
 
 
 def children_of(client, experiment_id: str, sweep_id: str) -> list:
@@ -244,15 +339,16 @@ def close_stale_children(client, experiment_id: str, sweep_id: str,
     are marked FAILED ("interrupted"). Returns how many runs were closed.
     """
     closed = 0
-    for run in children_of(client, experiment_id, sweep_id):
-        if run.info.status != "RUNNING":
-            continue
-        trial_id = run.data.tags.get(f"{TAG}trial_id", "")
-        status, note = outcome.get(trial_id, ("FAILED", "interrupted"))
-        if note:
-            client.set_tag(run.info.run_id, f"{TAG}end_note", note[:4000])
-        client.set_terminated(run.info.run_id, status=status)
-        closed += 1
+    with guard(client, "closing the runs of finished trials"):
+        for run in children_of(client, experiment_id, sweep_id):
+            if run.info.status != "RUNNING":
+                continue
+            trial_id = run.data.tags.get(f"{TAG}trial_id", "")
+            status, note = outcome.get(trial_id, ("FAILED", "interrupted"))
+            if note:
+                client.set_tag(run.info.run_id, f"{TAG}end_note", note[:4000])
+            client.set_terminated(run.info.run_id, status=status)
+            closed += 1
     return closed
 
 
@@ -260,10 +356,11 @@ def log_artifacts(client, run_id: str, files: Iterable[tuple[Path, str | None]])
     """Log (local path, artifact dir) pairs; directories are logged whole."""
     for path, artifact_path in files:
         path = Path(path)
-        if path.is_dir():
-            client.log_artifacts(run_id, str(path), artifact_path)
-        elif path.is_file():
-            client.log_artifact(run_id, str(path), artifact_path)
+        with guard(client, f"uploading artifact {path.name}"):
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path)
+            elif path.is_file():
+                client.log_artifact(run_id, str(path), artifact_path)
 
 
 def safe_env_summary() -> dict[str, str]:

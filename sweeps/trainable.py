@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,10 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         client.set_tag(run_id, f"{tracking.TAG}stopped_early", "true")
         client.set_terminated(run_id, status="FINISHED")
         raise
+    except tracking.TrackingUnreachableError:
+        # the server stayed away past the retry budget: writing the error to it would wait as
+        # long again; the run stays RUNNING and the driver closes it (RunCloser)
+        raise
     except BaseException as error:
         message = " ".join(f"{type(error).__name__}: {error}".split())
         client.set_tag(run_id, f"{tracking.TAG}error", message[:4000])
@@ -174,9 +179,10 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         end_tags[f"{tracking.TAG}recovered_error"] = earlier
     tracking.log_metrics(client, run_id, {"trial.train_s": train_s, "trial.setup_s": setup_s},
                          step=int(result.metrics.get("epoch", 0)), tags=end_tags)
-    if earlier is not None:
-        client.delete_tag(run_id, f"{tracking.TAG}error")
-    client.set_terminated(run_id, status="FINISHED")
+    with tracking.guard(client, "ending the run"):
+        if earlier is not None:
+            client.delete_tag(run_id, f"{tracking.TAG}error")
+        client.set_terminated(run_id, status="FINISHED")
 
 
 def _callback_base():
@@ -204,11 +210,17 @@ class RunCloser(_callback_base()):
         if uri is None:
             return
         client = tracking.client_for(uri)
-        run = tracking.find_child(client, self.experiment_id, self.sweep_id, trial.trial_id)
-        if run is not None and run.info.status == "RUNNING":
-            if note:
-                client.set_tag(run.info.run_id, f"{tracking.TAG}end_note", note)
-            client.set_terminated(run.info.run_id, status=status)
+        try:
+            with tracking.guard(client, f"closing the run of trial {trial.trial_id}"):
+                run = tracking.find_child(client, self.experiment_id, self.sweep_id,
+                                          trial.trial_id)
+                if run is not None and run.info.status == "RUNNING":
+                    if note:
+                        client.set_tag(run.info.run_id, f"{tracking.TAG}end_note", note)
+                    client.set_terminated(run.info.run_id, status=status)
+        except tracking.TrackingUnreachableError as error:
+            # the sweep goes on; close_stale_children ends the run at the end of the sweep
+            print(f"warning: {error}", file=sys.stderr)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._close(trial, "FINISHED", "stopped by the scheduler")
