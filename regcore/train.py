@@ -25,6 +25,10 @@ Test hooks (config `train.*`, 0 = off):
 - `nan_at_epoch = k` makes the first similarity term NaN at the first step of epoch k; the run
   stops with a `DivergenceError` naming the epoch, the step and the non-finite terms.
 
+Divergence: a non-finite loss or gradient, and a displacement longer than `DIVERGED_SIDES`
+times the longest image side (a blow-up that a bounded similarity such as local NCC leaves
+finite), stop the run with a `DivergenceError` naming epoch and step.
+
 Command: `python -m regcore.train --variant combined_enhanced [--data-dir D] [--out-dir O]
 [--epochs N] [--seed S] [--config file.json] [--set key=value ...]`.
 """
@@ -60,8 +64,8 @@ from regcore.checkpoint import (
 )
 from regcore.config import Config, parse_value
 
-__all__ = ["train", "TrainResult", "DivergenceError", "select_device", "seed_everything",
-           "build_config", "main"]
+__all__ = ["train", "TrainResult", "DivergenceError", "check_displacement", "select_device",
+           "seed_everything", "build_config", "main"]
 
 ReportFn = Callable[[dict[str, float], "str | None"], None]
 
@@ -69,9 +73,27 @@ ReportFn = Callable[[dict[str, float], "str | None"], None]
 #: found truncated).
 KEEP_CHECKPOINTS = 2
 
+#: A displacement longer than this many times the longest image side (in voxels) sends every
+#: voxel outside the volume: the model has diverged even when the loss is still finite (a
+#: bounded similarity such as local NCC stays finite while the field grows without limit).
+DIVERGED_SIDES = 2.0
+
 
 class DivergenceError(ValueError):
-    """The loss (or the gradient) became NaN or infinite; the message names epoch, step, terms."""
+    """The loss (or the gradient) became NaN or infinite, or the displacement grew beyond any
+    physical range; the message names epoch, step and what diverged."""
+
+
+def check_displacement(total_ddf_vox: torch.Tensor, epoch: int, step: int) -> None:
+    """Raise `DivergenceError` when `total_ddf_vox` `(B, 3, D, H, W)` is non-finite or longer
+    than `DIVERGED_SIDES` times the longest spatial side anywhere (per-component max, voxels)."""
+    longest_vox = max(total_ddf_vox.shape[2:])
+    max_vox = float(total_ddf_vox.detach().abs().amax())
+    if not math.isfinite(max_vox) or max_vox > DIVERGED_SIDES * longest_vox:
+        raise DivergenceError(
+            f"displacement diverged at epoch {epoch}, step {step}: max |u| == {max_vox:g} voxels, "
+            f"more than {DIVERGED_SIDES:g} x the longest image side ({longest_vox} voxels); "
+            "lower train.lr or raise the regularizer weights")
 
 
 @dataclass
@@ -252,6 +274,7 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
                 total = total + weighted[name]
             if not torch.isfinite(total.detach()):
                 raise DivergenceError(_nonfinite_message(epoch, step, terms, total))
+            check_displacement(output.total_ddf_vox, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(total).backward()

@@ -12,7 +12,7 @@ import torch
 
 from regcore.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
 from regcore.config import Config
-from regcore.train import DivergenceError, main, train
+from regcore.train import DIVERGED_SIDES, DivergenceError, check_displacement, main, train
 
 # 16^3 embedded cohort: 1 atlas, 2 training, 1 validation, 2 test subjects; a tiny U-Net.
 TINY = {
@@ -165,6 +165,42 @@ def test_nan_loss_stops_with_epoch_step_and_component(tiny, tmp_path):
         train(config, recorder, out_dir=tmp_path)
     assert [int(m["epoch"]) for m, _ in recorder.calls] == [1]
     assert issubclass(DivergenceError, ValueError)
+
+
+def test_displacement_guard_bounds_and_message():
+    field = torch.zeros(1, 3, 16, 20, 12)
+    field[0, 1, 3, 4, 5] = -DIVERGED_SIDES * 20  # exactly at the limit: still allowed
+    check_displacement(field, 1, 1)
+    field[0, 1, 3, 4, 5] = -DIVERGED_SIDES * 20 - 0.5
+    with pytest.raises(DivergenceError, match=r"displacement diverged at epoch 4, step 7: max \|u\| == 40.5 "
+                       r"voxels, more than 2 x the longest image side \(20 voxels\)"):
+        check_displacement(field, 4, 7)
+    field[0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(DivergenceError, match="max \\|u\\| == inf voxels"):
+        check_displacement(field, 1, 2)
+
+
+def test_exploding_field_with_finite_loss_stops_training(tiny, tmp_path, monkeypatch):
+    """A field pushed 1000 voxels away leaves every loss term finite (NCC is bounded): the
+    displacement guard, not the non-finite check, must stop the run before any report."""
+    import regcore.networks as networks
+
+    build = networks.build_model
+
+    def exploding(*args, **kwargs):
+        model = build(*args, **kwargs)
+        with torch.no_grad():
+            model.flow.conv.bias.fill_(1000.0)
+        return model
+
+    monkeypatch.setattr(networks, "build_model", exploding)
+    config = tiny(train__epochs=1, variant="baseline", data__modality="intensity")
+    recorder = Recorder()
+    with pytest.raises(DivergenceError, match=r"displacement diverged at epoch 1, step 1: "
+                       r"max \|u\| == 1000 voxels"):
+        train(config, recorder, out_dir=tmp_path)
+    assert recorder.calls == []
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_resume_from_other_backbone_or_corrupt_checkpoint(full_run, tiny, tmp_path):
