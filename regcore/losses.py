@@ -155,8 +155,8 @@ class LossBreakdown:
 
     total: scalar tensor, the sum of `weighted`.
     terms: name -> unweighted scalar tensor (regularizers detached when they are not trained).
-    weighted: name -> weighted scalar tensor (the addends of `total`; regularizers include the
-        factor).
+    weighted: name -> weighted scalar tensor (the addends of `total`; a regularizer's is
+        factor x `cfg.loss.reg_scale` x its weight x its term).
     factor: the factor applied to the regularizer sum (the adaptive schedule, 1.0 when
         `cfg.loss.adaptive` is false, 0.0 when the variant does not regularize).
     """
@@ -214,7 +214,8 @@ def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: i
         reg = regularizer_terms(ddf_vox, loss_cfg.max_displacement_vox)
         reg_weights = loss_cfg.reg_weights()
         terms.update(reg)
-        weighted.update({name: (factor * reg_weights[name]) * value for name, value in reg.items()})
+        scale = factor * loss_cfg.reg_scale
+        weighted.update({name: (scale * reg_weights[name]) * value for name, value in reg.items()})
     else:
         factor = 0.0
         with torch.no_grad():

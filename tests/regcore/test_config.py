@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from regcore.config import REGULARIZERS, STUDY_REG_WEIGHTS, Config, parse_value, replace_section
+from regcore.config import (DEFAULT_REG_SCALE, REGULARIZERS, STUDY_REG_WEIGHTS, Config, parse_value,
+                            replace_section)
 from regcore.io import atomic_dir, atomic_open, atomic_write_text
 from regcore.variants import VARIANTS, get_variant, variant_for
 
@@ -28,6 +29,7 @@ def test_flat_round_trip_and_study_defaults():
     config = Config(variant="regloss", seed=3)
     flat = config.to_flat()
     assert flat["loss.jacobian_weight"] == STUDY_REG_WEIGHTS["jacobian"] == 0.1
+    assert flat["loss.reg_scale"] == DEFAULT_REG_SCALE == 300.0
     assert flat["data.shape"] == [64, 64, 64]
     assert Config.from_flat(flat) == config
     assert config.lr == 1e-3 and config.regularize and not config.affine
@@ -47,6 +49,7 @@ def test_overrides_are_validated_and_coerced():
     [
         ("loss.smooth_weight", -1.0, r"loss.smooth_weight == -1.0, must be >= 0"),
         ("loss.jacobian_weight", float("nan"), r"loss.jacobian_weight == nan, must be finite"),
+        ("loss.reg_scale", -300.0, r"loss.reg_scale == -300.0, must be >= 0"),
         ("train.epochs", 0, r"train.epochs == 0, must be >= 1"),
         ("train.epochs", 2.5, r"train.epochs == 2.5, must be an integer"),
         ("train.lr", 0.0, r"train.lr == 0.0, must be > 0"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regcore.config import REGULARIZERS, Config, replace_section
+from regcore.config import DEFAULT_REG_SCALE, REGULARIZERS, STUDY_REG_WEIGHTS, Config, replace_section
 from regcore.losses import (
     LossBreakdown,
     adaptive_factor,
@@ -182,8 +182,8 @@ def test_compute_loss_without_regularization(labels):
 
 
 def test_compute_loss_with_regularization_uses_the_dense_field(labels):
-    # regloss at epoch 0 of 10: factor 0.1; each regularizer weighted by 0.1 x its study weight,
-    # computed on the dense (deformable) field, not on the total field that includes the affine.
+    # regloss at epoch 0 of 10: factor 0.1; each regularizer weighted by 0.1 x reg_scale x its
+    # study weight, computed on the dense (deformable) field, not on the total field that includes the affine.
     out = _output(labels, affine=True)
     fixed = _onehot(labels)
     cfg = _cfg("combined_enhanced")
@@ -192,7 +192,7 @@ def test_compute_loss_with_regularization_uses_the_dense_field(labels):
     reg = regularizer_terms(out.dense_ddf_vox, cfg.loss.max_displacement_vox)
     for name, weight in cfg.loss.reg_weights().items():
         torch.testing.assert_close(result.terms[name], reg[name])
-        torch.testing.assert_close(result.weighted[name], 0.1 * weight * reg[name])
+        torch.testing.assert_close(result.weighted[name], 0.1 * DEFAULT_REG_SCALE * weight * reg[name])
     on_total = regularizer_terms(out.total_ddf_vox)
     assert on_total["smooth"].item() != pytest.approx(result.terms["smooth"].item())
     torch.testing.assert_close(result.total, sum(result.weighted.values()))
@@ -204,7 +204,21 @@ def test_compute_loss_factor_without_adaptive_schedule(labels):
     result = compute_loss(_output(labels), _onehot(labels), _cfg("regloss", adaptive=False),
                           epoch=5, epochs=10)
     assert result.factor == 1.0
-    torch.testing.assert_close(result.weighted["bending"], 0.005 * result.terms["bending"])
+    torch.testing.assert_close(result.weighted["bending"],
+                               DEFAULT_REG_SCALE * 0.005 * result.terms["bending"])
+
+
+def test_reg_scale_multiplies_every_regularizer_and_one_gives_the_study_weights(labels):
+    out, fixed = _output(labels), _onehot(labels)
+    study = compute_loss(out, fixed, _cfg("regloss", reg_scale=1.0), epoch=0, epochs=10)
+    scaled = compute_loss(out, fixed, _cfg("regloss", reg_scale=40.0), epoch=0, epochs=10)
+    for name, weight in STUDY_REG_WEIGHTS.items():
+        torch.testing.assert_close(study.weighted[name], 0.1 * weight * study.terms[name])
+        torch.testing.assert_close(scaled.weighted[name], 40.0 * study.weighted[name])
+    for name in ("dice", "ce"):  # the similarity is not scaled
+        torch.testing.assert_close(scaled.weighted[name], study.weighted[name])
+    off = compute_loss(out, fixed, _cfg("regloss", reg_scale=0.0), epoch=0, epochs=10)
+    assert all(off.weighted[name].item() == 0 for name in REGULARIZERS)
 
 
 def test_compute_loss_intensity(image):
