@@ -30,6 +30,7 @@ from analysis.metrics import KEY_METRICS, METRICS, spec
 from analysis.runs import Sweep, fetch_example, load_sweep
 from analysis.stats import CI_LEVEL, N_RESAMPLES
 from regcore.cli import UsageError, run_cli
+from regcore.config import REGULARIZERS
 from regcore.io import atomic_dir
 from regcore.variants import BASELINE, VARIANTS
 
@@ -242,6 +243,25 @@ def _redact(uri: str) -> str:
     return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
+def _regularization_line(ablation: pd.DataFrame) -> str:
+    """The regularizer weights the ablation grid trained with, as the effective multipliers."""
+    keys = ["cfg.loss.reg_scale", "cfg.loss.adaptive",
+            *(f"cfg.loss.{name}_weight" for name in REGULARIZERS)]
+    if ablation.empty or not set(keys) <= set(ablation.columns):
+        return "Regularization of the ablation grid: not recorded in the runs' params."
+    values = ablation[keys].drop_duplicates()
+    if len(values) > 1:
+        return "Regularization of the ablation grid: differs between trials (see the runs' params)."
+    row = values.iloc[0]
+    scale = float(row["cfg.loss.reg_scale"])
+    weights = ", ".join(f"{name} {scale * float(row[f'cfg.loss.{name}_weight']):g}"
+                        for name in REGULARIZERS)
+    schedule = ("x the study's adaptive factor max(0.01, 0.1 (1 - epoch/epochs))"
+                if bool(row["cfg.loss.adaptive"]) else "constant (no adaptive factor)")
+    return (f"Regularization of the variants that regularize: reg_scale {scale:g} x the study's "
+            f"weights = {weights}, {schedule}.")
+
+
 def _provenance(doc: Doc, a: Analysis) -> None:
     s = a.sweep
     doc.h(2, "Provenance")
@@ -264,6 +284,7 @@ def _provenance(doc: Doc, a: Analysis) -> None:
         f"families); evidence needs corrected p < {fx.ALPHA} and a CI excluding 0. With n "
         f"subjects the smallest possible p is 2 / 2^n (n = {n_pairs}: "
         f"{_p(min(1.0, 2.0 / 2 ** n_pairs)) if n_pairs else 'n/a'}).",
+        _regularization_line(ablation),
         f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
     ])
     counts = s.trials.groupby(["group", "variant"], sort=False).agg(

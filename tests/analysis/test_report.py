@@ -71,6 +71,10 @@ def test_report_tables_carry_the_numbers(report_dir):
     # provenance: the failed trial is listed with its status
     assert "trial-regloss-9" in md and "FAILED" in md
     assert "1 duplicate run(s) of resumed trials dropped" in md
+    # the regularization the grid trained with, as effective weights (the default config)
+    assert ("Regularization of the variants that regularize: reg_scale 300 x the study's weights = "
+            "smooth 3, magnitude 3, rigidity 1.5, jacobian 30, bending 1.5, x the study's adaptive "
+            "factor max(0.01, 0.1 (1 - epoch/epochs)).") in md
     # the additive constructed data: no synergy on Dice
     inter = md.split("### Interaction (synergy)")[1].split("###")[0]
     dice_line = next(line for line in inter.splitlines() if line.startswith("| Dice (dice_mean)"))
