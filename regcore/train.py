@@ -86,13 +86,13 @@ class DivergenceError(ValueError):
 
 def check_displacement(total_ddf_vox: torch.Tensor, epoch: int, step: int) -> None:
     """Raise `DivergenceError` when `total_ddf_vox` `(B, 3, D, H, W)` is non-finite or longer
-    than `DIVERGED_SIDES` times the longest spatial side anywhere (per-component max, voxels)."""
+    than `DIVERGED_SIDES` times the longest spatial side in any component u_k anywhere (voxels)."""
     longest_vox = max(total_ddf_vox.shape[2:])
     max_vox = float(total_ddf_vox.detach().abs().amax())
     if not math.isfinite(max_vox) or max_vox > DIVERGED_SIDES * longest_vox:
         raise DivergenceError(
-            f"displacement diverged at epoch {epoch}, step {step}: max |u| == {max_vox:g} voxels, "
-            f"more than {DIVERGED_SIDES:g} x the longest image side ({longest_vox} voxels); "
+            f"displacement diverged at epoch {epoch}, step {step}: max |u_k| == {max_vox:g} "
+            f"voxels, more than {DIVERGED_SIDES:g} x the longest image side ({longest_vox} voxels); "
             "lower train.lr or raise the regularizer weights")
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from regcore.config import DEFAULT_REG_SCALE, REGULARIZERS, STUDY_REG_WEIGHTS, Config, replace_section
+from regcore.config import (DEFAULT_REG_SCALE, REGULARIZERS, STUDY_REG_WEIGHTS, Config,
+                            replace_section)
 from regcore.losses import (
     LossBreakdown,
     adaptive_factor,
@@ -192,7 +193,8 @@ def test_compute_loss_with_regularization_uses_the_dense_field(labels):
     reg = regularizer_terms(out.dense_ddf_vox, cfg.loss.max_displacement_vox)
     for name, weight in cfg.loss.reg_weights().items():
         torch.testing.assert_close(result.terms[name], reg[name])
-        torch.testing.assert_close(result.weighted[name], 0.1 * DEFAULT_REG_SCALE * weight * reg[name])
+        torch.testing.assert_close(result.weighted[name],
+                                   0.1 * DEFAULT_REG_SCALE * weight * reg[name])
     on_total = regularizer_terms(out.total_ddf_vox)
     assert on_total["smooth"].item() != pytest.approx(result.terms["smooth"].item())
     torch.testing.assert_close(result.total, sum(result.weighted.values()))

@@ -172,11 +172,11 @@ def test_displacement_guard_bounds_and_message():
     field[0, 1, 3, 4, 5] = -DIVERGED_SIDES * 20  # exactly at the limit: still allowed
     check_displacement(field, 1, 1)
     field[0, 1, 3, 4, 5] = -DIVERGED_SIDES * 20 - 0.5
-    with pytest.raises(DivergenceError, match=r"displacement diverged at epoch 4, step 7: max \|u\| == 40.5 "
-                       r"voxels, more than 2 x the longest image side \(20 voxels\)"):
+    with pytest.raises(DivergenceError, match=r"displacement diverged at epoch 4, step 7: "
+                       r"max \|u_k\| == 40.5 voxels, more than 2 x the longest image side \(20 voxels\)"):
         check_displacement(field, 4, 7)
     field[0, 0, 0, 0, 0] = float("inf")
-    with pytest.raises(DivergenceError, match="max \\|u\\| == inf voxels"):
+    with pytest.raises(DivergenceError, match="max \\|u_k\\| == inf voxels"):
         check_displacement(field, 1, 2)
 
 
@@ -197,7 +197,7 @@ def test_exploding_field_with_finite_loss_stops_training(tiny, tmp_path, monkeyp
     config = tiny(train__epochs=1, variant="baseline", data__modality="intensity")
     recorder = Recorder()
     with pytest.raises(DivergenceError, match=r"displacement diverged at epoch 1, step 1: "
-                       r"max \|u\| == 1000 voxels"):
+                       r"max \|u_k\| == 1000 voxels"):
         train(config, recorder, out_dir=tmp_path)
     assert recorder.calls == []
     assert not (tmp_path / "metrics.json").exists()
