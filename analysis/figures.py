@@ -18,20 +18,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-from analysis.effects import EFFECTS, subject_table  # noqa: E402
+from analysis.effects import subject_table  # noqa: E402
 from analysis.metrics import spec  # noqa: E402
 from regcore.variants import VARIANTS  # noqa: E402
 
-__all__ = ["box_by_variant", "forest", "search_front", "example_slices", "axis_title"]
+__all__ = ["box_by_variant", "forest", "interaction_plot", "search_front", "example_slices",
+           "axis_title"]
 
 DPI = 110
-EFFECT_LABELS = {"affine": "affine (main)", "regularize": "regularizers (main)",
-                 "interaction": "interaction (synergy)"}
 
 
 def axis_title(metric: str) -> str:
     s = spec(metric)
     unit = f" ({s.unit})" if s.unit else ""
+    if s.direction == 0:
+        return f"{s.label}{unit}"
     better = "higher" if s.direction > 0 else "lower"
     return f"{s.label}{unit}, {better} is better"
 
@@ -63,40 +64,74 @@ def box_by_variant(per_pair: pd.DataFrame, metric: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def forest(effects: pd.DataFrame, metrics: list[str], path: Path) -> Path:
-    """Main effects and interaction with their 95 % CIs, one panel per metric (own units)."""
+def _verdict_color(verdict: str) -> str:
+    if verdict.startswith("no evidence"):
+        return "tab:gray"
+    return "tab:green" if verdict.startswith(("improves", "positive")) else "tab:orange"
+
+
+def forest(effects: pd.DataFrame, metrics: list[str], path: Path,
+           labels: dict[str, str] | None = None) -> Path:
+    """Every effect with its 95 % CI, one panel per metric (own units), coloured by verdict
+    (green: better, orange: worse, grey: no evidence). `labels`: effect -> axis label."""
     metrics = [m for m in metrics if m in set(effects["metric"])]
+    order = list(dict.fromkeys(effects["effect"]))
+    labels = labels or {}
     cols = min(3, max(1, len(metrics)))
     rows = max(1, int(np.ceil(len(metrics) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 0.5 + 0.45 * len(order) * rows
+                                                  + 1.0 * rows), squeeze=False)
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
     for ax, metric in zip(axes.flat, metrics):
-        sub = effects[effects["metric"] == metric].set_index("effect").reindex(list(EFFECTS))
-        y = np.arange(len(EFFECTS))[::-1]
-        est = sub["estimate"].to_numpy(dtype=float)
-        lo = sub["ci_lo"].to_numpy(dtype=float)
-        hi = sub["ci_hi"].to_numpy(dtype=float)
-        err = np.vstack([np.where(np.isfinite(lo), est - lo, 0),
-                         np.where(np.isfinite(hi), hi - est, 0)])
-        colors = ["tab:red" if "synergy" in v and "no evidence" not in v
-                  else "tab:green" if v in ("improves",) else "tab:orange" if v == "worsens"
-                  else "tab:gray" for v in sub["verdict"].fillna("")]
-        for yi, e, el, eh, c in zip(y, est, err[0], err[1], colors):
-            ax.errorbar(e, yi, xerr=[[el], [eh]], fmt="o", color=c, capsize=3)
+        sub = effects[effects["metric"] == metric].set_index("effect").reindex(order)
+        y = np.arange(len(order))[::-1]
+        for yi, (_, r) in zip(y, sub.iterrows()):
+            if not np.isfinite(r["estimate"]):
+                continue
+            lo = r["estimate"] - r["ci_lo"] if np.isfinite(r["ci_lo"]) else 0.0
+            hi = r["ci_hi"] - r["estimate"] if np.isfinite(r["ci_hi"]) else 0.0
+            ax.errorbar(r["estimate"], yi, xerr=[[lo], [hi]], fmt="o", capsize=3,
+                        color=_verdict_color(str(r["verdict"])))
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_yticks(y, [EFFECT_LABELS[e] for e in EFFECTS], fontsize=8)
+        ax.set_yticks(y, [labels.get(e, e) for e in order], fontsize=8)
         ax.set_title(axis_title(metric), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("Effects per subject with 95 % bootstrap CIs (metric units)", fontsize=10)
+    fig.suptitle("Effects with 95 % CIs over networks and test pairs (metric units)",
+                 fontsize=10)
+    return _save(fig, path)
+
+
+def interaction_plot(means: pd.DataFrame, metric: str, factor_x: str, factor_line: str,
+                     path: Path, labels: dict[str, str] | None = None) -> Path:
+    """Cell means of `metric` with their 95 % CIs against the levels of `factor_x`, one line
+    per level of `factor_line` (averaged over any other factor). `means` has the columns
+    `factor_x`, `factor_line` (levels 0/1), mean, ci_lo, ci_hi. Parallel lines: no
+    interaction."""
+    labels = labels or {}
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for level, rows in means.groupby(factor_line):
+        rows = rows.sort_values(factor_x)
+        x = rows[factor_x].to_numpy(dtype=float) + (0.03 if level else -0.03)
+        err = np.vstack([rows["mean"] - rows["ci_lo"], rows["ci_hi"] - rows["mean"]])
+        ax.errorbar(x, rows["mean"], yerr=np.nan_to_num(err), fmt="o-", capsize=3,
+                    label=f"{labels.get(factor_line, factor_line)} {'on' if level else 'off'}")
+    ax.set_xticks([0, 1], [f"{labels.get(factor_x, factor_x)} off",
+                           f"{labels.get(factor_x, factor_x)} on"])
+    ax.set_xlim(-0.4, 1.4)
+    ax.set_ylabel(axis_title(metric), fontsize=8)
+    ax.set_title(f"{labels.get(factor_x, factor_x)} x {labels.get(factor_line, factor_line)}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def search_front(search: pd.DataFrame, front: pd.Series, ablation: pd.DataFrame | None,
-                 path: Path, maximize: str = "test.dice_mean",
-                 minimize: str = "test.folding_pct") -> Path:
-    """Test Dice against folding % of the weight-search trials, the Pareto front joined by a
-    line; the ablation trials drawn for reference."""
+                 path: Path, maximize: str = "val.dice_mean",
+                 minimize: str = "val.folding_pct") -> Path:
+    """The searched metric against folding % of the weight-search trials (each at its last
+    report), the Pareto front joined by a line; the ablation trials drawn for reference."""
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     ax.plot(search[minimize], search[maximize], "o", color="tab:gray", alpha=0.7,
             label="search trials")
@@ -106,8 +141,8 @@ def search_front(search: pd.DataFrame, front: pd.Series, ablation: pd.DataFrame 
         for variant, rows in ablation.groupby("variant"):
             label = VARIANTS[variant].label if variant in VARIANTS else variant
             ax.plot(rows[minimize], rows[maximize], "s", ms=6, alpha=0.8, label=label)
-    ax.set_xlabel(axis_title(minimize.removeprefix("test.")))
-    ax.set_ylabel(axis_title(maximize.removeprefix("test.")))
+    ax.set_xlabel(f"{minimize}: " + axis_title(minimize.split(".", 1)[-1]))
+    ax.set_ylabel(f"{maximize}: " + axis_title(maximize.split(".", 1)[-1]))
     ax.set_title("Weight search: accuracy against folding")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

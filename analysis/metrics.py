@@ -2,7 +2,15 @@
 
 Every sign-aware computation (improvement over the baseline, the verdicts of the factorial
 analysis, "best" in the report) asks `direction(name)`: +1 when higher is better, -1 when lower
-is better. The names are the per-pair columns of docs/ARCHITECTURE.md (`per_pair.csv`).
+is better, 0 when neither is (a displacement magnitude: a variant that moves less is not better,
+it is often further from the truth). Metrics with direction 0 are described, never judged.
+The names are the per-pair columns of docs/ARCHITECTURE.md (`per_pair.csv`).
+
+Families for Holm's correction: "primary" (the distinct outcomes of registration quality),
+"secondary" (per-label Dice, re-expressions and other definitions of a primary outcome) and
+"cost" (time). `level` says what a value describes: a test pair ("pair") or the trained network
+itself ("network": one value per network, e.g. its timed inference), which decides the units of
+replication in `analysis.effects`.
 """
 
 from __future__ import annotations
@@ -18,14 +26,14 @@ __all__ = ["MetricSpec", "METRICS", "KEY_METRICS", "direction", "spec", "outcome
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    direction: int  # +1: higher is better; -1: lower is better
+    direction: int  # +1: higher is better; -1: lower is better; 0: no better direction
     unit: str  # "" when unitless
     label: str
     definition: str  # one sentence
-    #: Primary metrics form one family for Holm's correction; secondary ones (per-label Dice,
-    #: other units or re-expressions of a primary metric) another, so that redundant columns
-    #: do not dilute the tests of the distinct outcomes.
-    primary: bool = True
+    #: Holm family: "primary", "secondary" (redundant columns must not dilute the tests of the
+    #: distinct outcomes) or "cost"
+    family: str = "primary"
+    level: str = "pair"  # "pair" or "network"
 
 
 def _dice_label(label: str) -> MetricSpec:
@@ -33,7 +41,7 @@ def _dice_label(label: str) -> MetricSpec:
     return MetricSpec(
         f"dice_{label}", +1, "", f"Dice {pretty}",
         f"Dice overlap of the {pretty} label between the fixed segmentation and the moving "
-        "segmentation warped with nearest-neighbour interpolation.", primary=False,
+        "segmentation warped with nearest-neighbour interpolation.", family="secondary",
     )
 
 
@@ -58,32 +66,47 @@ _SPECS: tuple[MetricSpec, ...] = (
                "carries a ground-truth deformation)."),
     MetricSpec("mse_improvement_pct", +1, "%", "MSE improvement",
                "Relative reduction by registration of the mean squared error over all voxels "
-               "between moving and fixed images: 100 (MSE before - MSE after) / MSE before."),
+               "between moving and fixed images: 100 (MSE before - MSE after) / MSE before.",
+               family="secondary"),
     MetricSpec("ncc_improvement_pct", +1, "%", "NCC improvement",
                "Relative change by registration of the global normalised cross-correlation "
                "(Pearson over all voxels) with the fixed image: 100 (NCC after - NCC before) "
-               "/ |NCC before|."),
+               "/ |NCC before|.", family="secondary"),
     MetricSpec("ncc_gain", +1, "", "NCC gain",
                "Global NCC of warped and fixed images minus global NCC of moving and fixed "
                "images (computed by the analysis from the per-pair ncc_after and ncc_before).",
-               primary=False),
-    MetricSpec("disp_max_vox", -1, "vox", "Max displacement",
-               "Largest displacement length of the total transform over voxels, in voxels.",
-               primary=False),
-    MetricSpec("disp_max_mm", -1, "mm", "Max displacement",
+               family="secondary"),
+    MetricSpec("disp_max_vox", 0, "vox", "Max displacement",
+               "Largest displacement length of the total transform over voxels, in voxels "
+               "(described, not judged: moving less is not better).", family="secondary"),
+    MetricSpec("disp_max_mm", 0, "mm", "Max displacement",
                "Largest displacement length of the total transform over voxels, in mm (each "
-               "component scaled by its axis spacing)."),
-    MetricSpec("disp_mean_vox", -1, "vox", "Mean displacement",
-               "Mean displacement length of the total transform, in voxels.", primary=False),
-    MetricSpec("disp_mean_mm", -1, "mm", "Mean displacement",
-               "Mean displacement length of the total transform, in mm.", primary=False),
+               "component scaled by its axis spacing; described, not judged).",
+               family="secondary"),
+    MetricSpec("disp_mean_vox", 0, "vox", "Mean displacement",
+               "Mean displacement length of the total transform, in voxels (described, not "
+               "judged).", family="secondary"),
+    MetricSpec("disp_mean_mm", 0, "mm", "Mean displacement",
+               "Mean displacement length of the total transform, in mm (described, not "
+               "judged).", family="secondary"),
     MetricSpec("plausibility", +1, "[0,1]", "Anatomical plausibility",
                "(1 - f) exp(-SDlogJ) with f the fraction of folded voxels: 1 for a fold-free "
                "volume-preserving field; it scores the regularity of the transform, not "
-               "anatomical correctness (regcore.metrics.plausibility)."),
-    MetricSpec("inference_s", -1, "s", "Inference time",
-               "Median wall time of one forward pass and warp per pair after a warm-up, in "
-               "seconds."),
+               "anatomical correctness, and re-expresses folding and SDlogJ "
+               "(regcore.metrics.plausibility).", family="secondary"),
+    MetricSpec("inference_s", -1, "s", "Inference time (in the trial)",
+               "Median wall time of one forward pass and warp per pair after a warm-up, "
+               "measured inside the trial while other trials shared the machine: a property "
+               "of the network, analysed with the network as the unit.", family="cost",
+               level="network"),
+    MetricSpec("timing_inference_s", -1, "s", "Inference time",
+               "Median wall time of one forward pass and warp of one test pair, measured after "
+               "the trials for one network at a time, alone on its device, warm, median of "
+               "repeats (sweeps' timing step).", family="cost", level="network"),
+    MetricSpec("timing_train_step_s", -1, "s", "Train step time",
+               "Median wall time of one training step (forward, loss with the variant's "
+               "regularizers, backward, optimiser step), measured like the inference time.",
+               family="cost", level="network"),
 )
 
 METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
@@ -107,8 +130,8 @@ def direction(name: str) -> int:
 
 
 def family(name: str) -> str:
-    """The Holm family of a metric: "primary" or "secondary"."""
-    return "primary" if spec(name).primary else "secondary"
+    """The Holm family of a metric: "primary", "secondary" or "cost"."""
+    return spec(name).family
 
 
 def outcome_columns(columns) -> list[str]:

@@ -15,7 +15,13 @@ metrics, and the artifacts `per_pair.csv` and `example.npz`.
   metric under its own name (`test.dice_mean`, `train.loss_total`, ...);
 - `per_pair`: one row per finished trial x test pair, the columns of `per_pair.csv` plus
   `pair_id` (`moving->fixed`, the subject key matched across variants) and the trial columns
-  `run_id`, `trial_id`, `variant`, `affine`, `regularize`, `seed`, `group`.
+  `run_id`, `trial_id`, `variant`, `affine`, `regularize`, `seed`, `group`, and the metrics of
+  the network measured by the sweep's timing step (`timing.<name>` metrics of the trial's run)
+  as `timing_<name>` columns (one value per network, repeated on its pairs);
+- `references`: the reference methods on the same test pairs (a child run tagged
+  `regablate.role=reference` with `reference.csv`): `method` (`identity`,
+  `instance_optimisation`, `ground_truth`), `pair_id` and the per-pair columns; empty when the
+  sweep logged none.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class Sweep:
     per_pair: pd.DataFrame
     duplicates_dropped: int = 0
     problems: list[str] = field(default_factory=list)
+    references: pd.DataFrame = field(default_factory=pd.DataFrame)
+    parent_params: dict[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -304,8 +312,9 @@ def _load_sweep(tracking_uri: str, parent_run_id: str | None,
     parent = find_parent_run(client, parent_run_id, experiment)
     pid = parent.info.run_id
     exp = client.get_experiment(parent.info.experiment_id)
-    runs = _search_all(client, [exp.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")
-    runs = [r for r in runs if r.data.tags.get(ROLE_TAG, "trial") == "trial"]
+    children = _search_all(client, [exp.experiment_id], f"tags.mlflow.parentRunId = '{pid}'")
+    runs = [r for r in children if r.data.tags.get(ROLE_TAG, "trial") == "trial"]
+    references = [r for r in children if r.data.tags.get(ROLE_TAG) == "reference"]
     if not runs:
         raise ValueError(f"sweep {pid!r} (experiment {exp.name!r}) has no trial runs")
     raw = pd.DataFrame([_trial_row(r) for r in runs])
@@ -331,6 +340,8 @@ def _load_sweep(tracking_uri: str, parent_run_id: str | None,
     ]
     per_pair = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=[*TRIAL_KEYS, "pair_id", "moving", "fixed"])
+    per_pair = _with_network_metrics(per_pair, trials)
+    reference_table = _read_references(client, references, problems)
     return Sweep(
         tracking_uri=tracking_uri,
         experiment_name=exp.name,
@@ -341,7 +352,44 @@ def _load_sweep(tracking_uri: str, parent_run_id: str | None,
         per_pair=per_pair,
         duplicates_dropped=len(raw) - len(trials),
         problems=problems,
+        references=reference_table,
+        parent_params=dict(parent.data.params),
     )
+
+
+TIMING_PREFIX = "timing."
+
+
+def _with_network_metrics(per_pair: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    """`timing.<name>` metrics of each trial's run as `timing_<name>` columns of its pairs."""
+    names = [c for c in trials.columns if str(c).startswith(TIMING_PREFIX)]
+    if not names or per_pair.empty:
+        return per_pair
+    table = trials[["run_id", *names]].rename(
+        columns={n: n.replace(".", "_", 1) for n in names})
+    return per_pair.merge(table, on="run_id", how="left")
+
+
+def _read_references(client, runs: list, problems: list[str]) -> pd.DataFrame:
+    """The reference rows of the newest FINISHED reference run (empty when there is none)."""
+    done = sorted((r for r in runs if r.info.status == FINISHED),
+                  key=lambda r: r.info.start_time, reverse=True)
+    if not done:
+        return pd.DataFrame()
+    run = done[0]
+    with tempfile.TemporaryDirectory(prefix="regablate-ref-") as tmp:
+        try:
+            table = pd.read_csv(client.download_artifacts(run.info.run_id, "reference.csv", tmp))
+        except Exception as error:  # noqa: BLE001 - reported, the report goes on without it
+            problems.append(f"reference run {run.info.run_id}: reference.csv unreadable: "
+                            f"{' '.join(str(error).split())[:160]}")
+            return pd.DataFrame()
+    missing = {"method", "moving", "fixed"} - set(table.columns)
+    if missing:
+        problems.append(f"reference run {run.info.run_id}: reference.csv lacks {sorted(missing)}")
+        return pd.DataFrame()
+    table.insert(1, "pair_id", table["moving"].astype(str) + "->" + table["fixed"].astype(str))
+    return table
 
 
 def fetch_example(sweep: Sweep, dst_dir: str | os.PathLike,

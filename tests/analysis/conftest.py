@@ -67,7 +67,7 @@ def example_arrays() -> dict[str, np.ndarray]:
 def _log_trial(client, exp_id: str, parent_id: str, table: pd.DataFrame, *, variant: str,
                seed: int, group: str, trial_id: str, status: str = "FINISHED",
                overrides: dict | None = None, run_name: str | None = None, epochs: int = 3,
-               with_example: bool = False, tmp: Path) -> str:
+               with_example: bool = False, timing: bool = True, tmp: Path) -> str:
     from mlflow.entities import Metric, Param
 
     config = Config(variant=variant, seed=seed).with_overrides(
@@ -87,6 +87,17 @@ def _log_trial(client, exp_id: str, parent_id: str, table: pd.DataFrame, *, vari
                     Metric("train.loss_total", 1.0 / epoch, 0, epoch),
                     Metric("train.epoch_s", 2.0 + 0.5 * config.affine, 0, epoch),
                     Metric("val.dice_mean", 0.5 + 0.05 * epoch, 0, epoch)]
+    if len(table):  # the last validation tracks the trial's test result (what a search sees)
+        metrics += [Metric("val.dice_mean", float(table["dice_mean"].mean()), 0, epochs),
+                    Metric("val.folding_pct", float(table["folding_pct"].mean()), 0, epochs)]
+    if status == "FINISHED" and timing:
+        # the timing step's figures: one per network; the affine stage adds a little, the
+        # regularizers cost only in training (the same network at inference)
+        rng = np.random.default_rng([seed, *variant.encode()])
+        metrics += [Metric("timing.inference_s", 0.050 + 0.010 * config.affine
+                           + rng.normal(0, 0.0005), 0, epochs),
+                    Metric("timing.train_step_s", 0.20 + 0.03 * config.affine
+                           + 0.01 * config.regularize + rng.normal(0, 0.001), 0, epochs)]
     if status == "FINISHED":
         for column in table.columns:
             if pd.api.types.is_numeric_dtype(table[column]) and column not in ("seed",):
@@ -109,8 +120,28 @@ def _log_trial(client, exp_id: str, parent_id: str, table: pd.DataFrame, *, vari
     return rid
 
 
+def _log_reference(client, exp_id: str, parent_id: str, per_pair: pd.DataFrame, tmp: Path) -> None:
+    """A reference run: identity 0.40 Dice / 9 mm, instance optimisation 0.82 / 3 mm, the truth
+    1.0 / 0 mm on every test pair of the sweep."""
+    pairs = per_pair.drop_duplicates("pair_id")[["moving", "fixed"]]
+    values = {"identity": (0.40, 9.0), "instance_optimisation": (0.82, 3.0),
+              "ground_truth": (1.0, 0.0)}
+    table = pd.concat([pairs.assign(method=m, dice_mean=d, true_error_mm=e, method_s=4.0)
+                       for m, (d, e) in values.items()], ignore_index=True)
+    run = client.create_run(exp_id, run_name="reference", tags={
+        "mlflow.parentRunId": parent_id, "regablate.role": "reference",
+        "regablate.sweep_id": "sweep-1"})
+    path = tmp / run.info.run_id / "reference.csv"
+    path.parent.mkdir(parents=True)
+    table[["method", "moving", "fixed", "dice_mean", "true_error_mm", "method_s"]].to_csv(
+        path, index=False)
+    client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
 def log_sweep(store: Store, *, experiment: str = "regablate", per_pair: pd.DataFrame | None = None,
-              n_search: int = 4, resumed: bool = True, failed: bool = True) -> str:
+              n_search: int = 4, resumed: bool = True, failed: bool = True,
+              references: bool = True, timing: bool = True) -> str:
     """One sweep in the contract's layout; returns the parent run id.
 
     Ablation trials: every (variant, seed) of `per_pair`. With `resumed`, the trial
@@ -136,7 +167,9 @@ def log_sweep(store: Store, *, experiment: str = "regablate", per_pair: pd.DataF
     for (variant, seed), table in per_pair.groupby(["variant", "seed"], sort=False):
         _log_trial(client, exp_id, pid, table, variant=variant, seed=int(seed),
                    group="ablation", trial_id=f"trial-{variant}-{seed}", tmp=tmp,
-                   with_example=(variant == "combined_enhanced" and seed == 0))
+                   with_example=(variant == "combined_enhanced" and seed == 0), timing=timing)
+    if references:
+        _log_reference(client, exp_id, pid, per_pair, tmp)
     if failed:
         _log_trial(client, exp_id, pid, per_pair.iloc[:0], variant="regloss", seed=9,
                    group="ablation", trial_id="trial-regloss-9", status="FAILED", tmp=tmp)
@@ -150,7 +183,7 @@ def log_sweep(store: Store, *, experiment: str = "regablate", per_pair: pd.DataF
                    group="search", trial_id=f"trial-search-{n}",
                    run_name=f"combined_enhanced-search-{n}",
                    overrides={"loss.smooth_weight": smooth, "loss.bending_weight": bending},
-                   tmp=tmp)
+                   timing=False, tmp=tmp)
     client.set_terminated(pid, "FINISHED")
     shutil.rmtree(tmp)
     return pid
