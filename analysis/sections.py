@@ -120,9 +120,11 @@ def _effect_sentence(a, r: pd.Series) -> str:
     else:
         text = f"{head} changes {m} by {numbers}: " + (
             r.verdict if r.verdict.startswith("no evidence") else f"it {r.verdict}")
-    if r.verdict.startswith("no evidence"):
+    if r.verdict.startswith("no evidence") and np.isfinite(r.mde):
         text += (f"; this design detects ±{num(r.mde, d)}{_unit(r.metric)} with "
                  f"{int(POWER * 100)} % power")
+    elif r.verdict.startswith("no evidence") and r.se == 0:
+        text += "; the metric did not vary between networks or pairs"
     return text
 
 
@@ -161,7 +163,8 @@ def _answer(doc: Doc, a, figs: dict[str, Path], out: Path) -> None:
                "p (Holm)", "verdict", f"detectable ({int(POWER * 100)} % power)"],
               [[a.effect_label(r.effect), _signed(r.estimate, d) + _unit(a.primary),
                 interval(r.ci_lo, r.ci_hi, d), pvalue(r.p_holm), r.verdict,
-                f"±{num(r.mde, d)}"] for r in effects.itertuples()])
+                f"±{num(r.mde, d)}" if np.isfinite(r.mde) else "n/a"]
+               for r in effects.itertuples()])
     doc.items([_capital(_effect_sentence(a, r)) + "." for _, r in effects.iterrows()])
     others = _evident(a.effects[(a.effects["family"] == "primary")
                                 & (a.effects["metric"] != a.primary)])

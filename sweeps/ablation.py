@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue the sweep --sweep-id (default: the latest one)")
     p.add_argument("--report-dir", help="where the report goes (default reports/<sweep_id>)")
     p.add_argument("--no-report", action="store_true", help="skip the report")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip the controlled timing of the trained networks after the trials")
     return p
 
 
@@ -577,6 +579,12 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
     rows = _trial_rows(results)
     outcome = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
     tracking.close_stale_children(client, plan.experiment_id, plan.sweep_id, outcome)
+    if not args.no_timing:
+        from sweeps.after_trials import safely, timing_step
+
+        resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
+        safely(lambda: timing_step(raw_uri, plan.experiment_id, plan.sweep_id, resources),
+               "timing step", PROG)
 
     # 4. Summary, Ray's overhead, the report.
     import pandas as pd
