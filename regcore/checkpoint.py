@@ -158,6 +158,10 @@ def check_compatible(state: dict[str, Any], config: Config, source: str | Path =
         if theirs.get(key) != ours.get(key):
             raise ValueError(f"checkpoint{where} has {key} == {theirs.get(key)!r}, but the config "
                              f"has {key} == {ours.get(key)!r}; they are incompatible")
+    if config_from_state(state).affine != config.affine:  # the affine head's weights
+        raise ValueError(f"checkpoint{where} was trained with the affine stage "
+                         f"{'on' if not config.affine else 'off'}, but the config has it "
+                         f"{'on' if config.affine else 'off'}; they are incompatible")
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

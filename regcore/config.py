@@ -10,8 +10,8 @@ Units: every length carries its unit in its name (`_vox` for voxels).
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -48,6 +48,9 @@ STUDY_REG_WEIGHTS: dict[str, float] = {
 DEFAULT_REG_SCALE = 300.0
 
 MODALITIES = ("seg4_onehot", "intensity")
+_VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+#: learning rate of a variant outside the study's registry that sets none
+_DEFAULT_LR = 1e-3
 PAIRINGS = ("atlas", "subject")
 SPACES = ("aligned", "scanner")
 BACKBONES = ("vxm", "seed")
@@ -138,9 +141,13 @@ class ModelConfig:
     dec_channels: tuple[int, ...] = ()
     diffeomorphic: bool = False
     int_steps: int = 7
+    #: the affine stage (the study's first factor); None: the variant's (regcore.variants)
+    affine: bool | None = None
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone, BACKBONES)
+        if self.affine is not None and not isinstance(self.affine, bool):
+            _fail("model.affine", self.affine, "true, false or none (the variant's)")
         for key in ("enc_channels", "dec_channels"):
             value = getattr(self, key)
             value = tuple(value) if isinstance(value, list) else value
@@ -178,8 +185,12 @@ class LossConfig:
     reg_scale: float = DEFAULT_REG_SCALE
     max_displacement_vox: float = 10.0
     adaptive: bool = True
+    #: apply the five regularizers (the study's second factor); None: the variant's
+    regularize: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.regularize is not None and not isinstance(self.regularize, bool):
+            _fail("loss.regularize", self.regularize, "true, false or none (the variant's)")
         for key in ("dice_weight", "ce_weight", "mse_weight", "ncc_weight",
                     *(f"{r}_weight" for r in REGULARIZERS), "reg_scale"):
             _check_number(f"loss.{key}", getattr(self, key), lo=0)
@@ -247,22 +258,44 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        get_variant(self.variant)  # raises with the list of valid names
+        # a variant of another study (a cell of a study file) names its factors explicitly
+        if self.variant not in VARIANTS:
+            if not isinstance(self.variant, str) or not _VARIANT_NAME.match(self.variant):
+                _fail("variant", self.variant, "a name of letters, digits, '_', '-' or '.'")
+            if self.model.affine is None or self.loss.regularize is None:
+                get_variant(self.variant)  # raises with the list of the study's names
         _check_number("seed", self.seed, lo=0, integer=True)
 
     # -- derived ---------------------------------------------------------------------------
     @property
     def affine(self) -> bool:
-        return VARIANTS[self.variant].affine
+        """The affine stage in force: `model.affine`, else the variant's."""
+        explicit = self.model.affine
+        return explicit if explicit is not None else VARIANTS[self.variant].affine
 
     @property
     def regularize(self) -> bool:
-        return VARIANTS[self.variant].regularize
+        """The regularizers in force: `loss.regularize`, else the variant's."""
+        explicit = self.loss.regularize
+        return explicit if explicit is not None else VARIANTS[self.variant].regularize
 
     @property
     def lr(self) -> float:
         """The learning rate in force: the explicit one, else the variant's (study default)."""
-        return self.train.lr if self.train.lr is not None else VARIANTS[self.variant].lr
+        if self.train.lr is not None:
+            return self.train.lr
+        return VARIANTS[self.variant].lr if self.variant in VARIANTS else _DEFAULT_LR
+
+    def in_force(self) -> "Config":
+        """The config with every derived value written out: the factors and the learning rate
+        explicit, and the five regularizer weights 0 when the variant does not regularize
+        (what a run trains with, as MLflow shows it)."""
+        flat = self.to_flat()
+        flat.update({"model.affine": self.affine, "loss.regularize": self.regularize,
+                     "train.lr": self.lr})
+        if not self.regularize:
+            flat.update({f"loss.{name}_weight": 0.0 for name in REGULARIZERS})
+        return Config.from_flat(flat)
 
     # -- flat dotted dicts for Ray Tune and MLflow ----------------------------------------
     def to_flat(self) -> dict[str, Any]:
@@ -349,6 +382,3 @@ def replace_section(config: Config, section: str, **changes: Any) -> Config:
     """`replace_section(cfg, "train", epochs=2)`: a copy with one section changed."""
     return replace(config, **{section: replace(getattr(config, section), **changes)})
 
-
-# dataclasses.replace re-runs __post_init__, so copies are validated too.
-assert dataclasses.is_dataclass(Config)

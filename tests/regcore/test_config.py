@@ -111,3 +111,20 @@ def test_run_cli_turns_caller_errors_into_one_line_and_exit_2():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == "demo: error: smooth_weight == -1.0, must be >= 0\n"
+
+
+def test_a_variant_of_another_study_names_its_factors_and_in_force_writes_them_out():
+    with pytest.raises(ValueError, match="unknown variant 'affine-diffeomorphic'"):
+        Config(variant="affine-diffeomorphic")
+    cell = Config.from_flat({"variant": "affine-diffeomorphic", "model.affine": True,
+                             "loss.regularize": False, "model.diffeomorphic": True})
+    assert cell.affine and not cell.regularize and cell.lr == pytest.approx(1e-3)
+    shown = cell.in_force().to_flat()
+    assert shown["model.affine"] is True and shown["loss.regularize"] is False
+    assert all(shown[f"loss.{name}_weight"] == 0.0 for name in REGULARIZERS)  # none applied
+    regloss = Config(variant="regloss").in_force().to_flat()
+    assert regloss["loss.smooth_weight"] == STUDY_REG_WEIGHTS["smooth"]
+    assert regloss["train.lr"] == pytest.approx(1e-3) and regloss["loss.regularize"] is True
+    with pytest.raises(ValueError, match="variant == 'bad name!'"):
+        Config.from_flat({"variant": "bad name!", "model.affine": True,
+                          "loss.regularize": True})
