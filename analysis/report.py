@@ -27,7 +27,6 @@ from analysis.metrics import METRICS
 from analysis.runs import Sweep, load_sweep
 from regcore.cli import UsageError, run_cli
 from regcore.io import atomic_dir
-from regcore.variants import BASELINE, FACTORS, VARIANTS
 
 __all__ = ["build_report", "analyse", "Analysis", "main", "SECTIONS", "TABLES"]
 
@@ -53,10 +52,6 @@ SECTIONS = (
 #: The CSV tables written beside the report.
 TABLES = ("summary", "effects", "improvements", "components", "sensitivity", "references")
 
-#: The study's factors in words (a sweep of another study names its own).
-FACTOR_LABELS = {"affine": "the affine stage", "regularize": "the regularizers"}
-
-
 @dataclass
 class Analysis:
     """Everything the report shows, computed once from the sweep."""
@@ -77,9 +72,10 @@ class Analysis:
     search: pd.DataFrame
     search_metric: str
     references: pd.DataFrame = field(default_factory=pd.DataFrame)
+    cell_labels: dict[str, str] = field(default_factory=dict)
 
     def label(self, variant: str) -> str:
-        return VARIANTS[variant].label if variant in VARIANTS else variant
+        return self.cell_labels.get(variant, variant)
 
     def effect_label(self, effect: str) -> str:
         """"the affine stage", "the regularizers", "the affine stage x the regularizers"."""
@@ -99,26 +95,29 @@ def _with_derived(per_pair: pd.DataFrame) -> pd.DataFrame:
     return per_pair
 
 
-def analyse(sweep: Sweep, *, primary: str = "dice_mean", factors=None) -> Analysis:
-    """The statistics of one sweep (`factors`: the design's factor columns, default the
-    study's)."""
+def analyse(sweep: Sweep) -> Analysis:
+    """The statistics of one sweep, for the study it ran (`sweep.study`)."""
+    study = sweep.study
+    factors = study.factor_names
     per_pair = _with_derived(sweep.per_pair)
     metrics = [m for m in METRICS if m in per_pair.columns and per_pair[m].notna().any()]
     design, _ = fx.design_of(per_pair, factors)
+    primary = study.primary
     search_metric = sweep.parent_params.get("sweep.search_metric", "val.dice_mean")
     return Analysis(
         sweep=sweep, per_pair=per_pair, design=design,
-        factor_labels={f: FACTOR_LABELS.get(f, f) for f in design.factors},
-        primary=primary, baseline=BASELINE, metrics=metrics,
+        factor_labels={f.name: f.label for f in study.factors},
+        primary=primary, baseline=study.baseline.name, metrics=metrics,
         summary=fx.summarize(per_pair, metrics, factors=factors),
-        improvements=fx.improvements(per_pair, metrics, factors=factors),
+        improvements=fx.improvements(per_pair, metrics, factors=factors,
+                                     baseline=study.baseline.name),
         effects=fx.factorial_effects(per_pair, metrics, factors=factors),
         components=fx.components(per_pair, metrics, factors=factors),
         sensitivity=fx.design_sensitivity(per_pair, primary, factors=factors)
         if primary in metrics else pd.DataFrame(),
         importance=fx.search_importance(sweep.trials, search_metric),
         search=fx.search_trials(sweep.trials), search_metric=search_metric,
-        references=sweep.references,
+        references=sweep.references, cell_labels={c.name: c.label for c in study.cells},
     )
 
 

@@ -1,8 +1,9 @@
 """Read one sweep from MLflow into tidy pandas tables.
 
 The layout (written by `sweeps`) is the one of docs/ARCHITECTURE.md: a parent run per sweep
-(tag `regablate.role=sweep`), a child run per trial (tags `mlflow.parentRunId`,
-`regablate.trial_id`, `regablate.variant`, `regablate.affine`, `regablate.regularize`,
+(tag `regablate.role=sweep`, artifact `study.json`: the study it ran, `regcore.study`; a sweep
+without one ran the original 2x2), a child run per trial (tags `mlflow.parentRunId`,
+`regablate.trial_id`, `regablate.variant`, `regablate.factor.<name>` = the level of each factor,
 `regablate.seed`, `regablate.group`), the flat config as string params, per-epoch and `test.*`
 metrics, and the artifacts `per_pair.csv` and `example.npz`.
 
@@ -15,7 +16,7 @@ metrics, and the artifacts `per_pair.csv` and `example.npz`.
   metric under its own name (`test.dice_mean`, `train.loss_total`, ...);
 - `per_pair`: one row per finished trial x test pair, the columns of `per_pair.csv` plus
   `pair_id` (`moving->fixed`, the subject key matched across variants) and the trial columns
-  `run_id`, `trial_id`, `variant`, `affine`, `regularize`, `seed`, `group`, and the metrics of
+  `run_id`, `trial_id`, `variant`, `seed`, `group`, the factor columns, and the metrics of
   the network measured by the sweep's timing step (`timing.<name>` metrics of the trial's run)
   as `timing_<name>` columns (one value per network, repeated on its pairs);
 - `references`: the reference methods on the same test pairs (a child run tagged
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -37,13 +39,15 @@ from typing import Any, Iterator
 import pandas as pd
 
 from regcore.config import Config
-from regcore.variants import VARIANTS
+from regcore.study import Study, default_study, parse_study
 
 __all__ = ["Sweep", "load_sweep", "connect", "find_parent_run", "fetch_example", "parse_param"]
 
 ROLE_TAG = "regablate.role"
+FACTOR_TAG = "regablate.factor."
+STUDY_FILE = "study.json"
 FINISHED = "FINISHED"
-TRIAL_KEYS = ("run_id", "trial_id", "variant", "affine", "regularize", "seed", "group")
+TRIAL_KEYS = ("run_id", "trial_id", "variant", "seed", "group")
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Sweep:
     problems: list[str] = field(default_factory=list)
     references: pd.DataFrame = field(default_factory=pd.DataFrame)
     parent_params: dict[str, str] = field(default_factory=dict)
+    study: Study = field(default_factory=default_study)
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -235,20 +240,34 @@ def _as_bool(text: str | None, fallback: bool) -> bool:
     return str(text).strip().lower() in ("true", "1", "yes")
 
 
-def _trial_row(run) -> dict[str, Any]:
+def _factor_levels(tags: dict[str, str], variant: str, study: Study) -> dict[str, bool]:
+    """factor -> True at its second level: from the `regablate.factor.<name>` tags, else the
+    cell of that name in the study, else the older `regablate.<name>` true/false tags."""
+    cells = {c.name: c for c in study.cells}
+    levels = {}
+    for i, factor in enumerate(study.factors):
+        tag = tags.get(f"{FACTOR_TAG}{factor.name}")
+        if tag is not None:
+            levels[factor.name] = tag == factor.levels[1].name
+        elif variant in cells:
+            levels[factor.name] = bool(cells[variant].levels[i])
+        else:
+            levels[factor.name] = _as_bool(tags.get(f"regablate.{factor.name}"), False)
+    return levels
+
+
+def _trial_row(run, study: Study) -> dict[str, Any]:
     tags = run.data.tags
     variant = tags.get("regablate.variant") or run.data.params.get("variant", "unknown")
-    known = VARIANTS.get(variant)
+    labels = {c.name: c.label for c in study.cells}
     seed_text = tags.get("regablate.seed", run.data.params.get("seed"))
     row: dict[str, Any] = {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name,
         "trial_id": tags.get("regablate.trial_id", run.info.run_id),
         "variant": variant,
-        "label": known.label if known else variant,
-        "affine": _as_bool(tags.get("regablate.affine"), bool(known and known.affine)),
-        "regularize": _as_bool(tags.get("regablate.regularize"),
-                               bool(known and known.regularize)),
+        "label": labels.get(variant, variant),
+        **_factor_levels(tags, variant, study),
         "seed": int(seed_text) if seed_text not in (None, "", "None") else -1,
         "group": tags.get("regablate.group", "ablation"),
         "status": run.info.status,
@@ -281,7 +300,22 @@ def _epoch_time(client, run_id: str) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 
 
-def _read_per_pair(client, trial: pd.Series, dst: Path) -> pd.DataFrame:
+def _read_study(client, parent, problems: list[str]) -> Study:
+    """The study the sweep ran (`study.json` of the parent run), else the original 2x2."""
+    names = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id)}
+    if STUDY_FILE not in names:
+        return default_study()
+    with tempfile.TemporaryDirectory(prefix="regablate-study-") as tmp:
+        try:
+            local = client.download_artifacts(parent.info.run_id, STUDY_FILE, tmp)
+            return parse_study(json.loads(Path(local).read_text(encoding="utf-8")), STUDY_FILE)
+        except (ValueError, OSError) as error:
+            problems.append(f"{STUDY_FILE} of the parent run unreadable, the original 2x2 "
+                            f"assumed: {' '.join(str(error).split())[:200]}")
+            return default_study()
+
+
+def _read_per_pair(client, trial: pd.Series, dst: Path, keys: tuple[str, ...]) -> pd.DataFrame:
     local = client.download_artifacts(trial["run_id"], "per_pair.csv", str(dst))
     table = pd.read_csv(local)
     missing = {"moving", "fixed"} - set(table.columns)
@@ -289,7 +323,7 @@ def _read_per_pair(client, trial: pd.Series, dst: Path) -> pd.DataFrame:
         raise ValueError(f"per_pair.csv of run {trial['run_id']} lacks the columns "
                          f"{sorted(missing)}")
     table.insert(0, "pair_id", table["moving"].astype(str) + "->" + table["fixed"].astype(str))
-    for i, key in enumerate(TRIAL_KEYS):
+    for i, key in enumerate(keys):
         table.insert(i, key, trial[key])
     return table
 
@@ -317,17 +351,19 @@ def _load_sweep(tracking_uri: str, parent_run_id: str | None,
     references = [r for r in children if r.data.tags.get(ROLE_TAG) == "reference"]
     if not runs:
         raise ValueError(f"sweep {pid!r} (experiment {exp.name!r}) has no trial runs")
-    raw = pd.DataFrame([_trial_row(r) for r in runs])
+    problems: list[str] = []
+    study = _read_study(client, parent, problems)
+    raw = pd.DataFrame([_trial_row(r, study) for r in runs])
     trials = _deduplicate(raw)
     if not (trials["status"] == FINISHED).any():
         counts = trials["status"].value_counts().to_dict()
         raise ValueError(f"sweep {pid!r} has no finished trials (statuses: {counts})")
-    problems: list[str] = []
+    keys = (*TRIAL_KEYS, *study.factor_names)
     tables = []
     with tempfile.TemporaryDirectory(prefix="regablate-runs-") as tmp:
         for i, (_, trial) in enumerate(trials[trials["status"] == FINISHED].iterrows()):
             try:
-                tables.append(_read_per_pair(client, trial, Path(tmp) / str(i)))
+                tables.append(_read_per_pair(client, trial, Path(tmp) / str(i), keys))
             except Exception as error:  # a trial without its table is reported, not fatal
                 if trial["stopped_early"]:
                     continue  # stopped by the scheduler before its test evaluation
@@ -339,7 +375,7 @@ def _load_sweep(tracking_uri: str, parent_run_id: str | None,
         for rid, status in zip(trials["run_id"], trials["status"])
     ]
     per_pair = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=[*TRIAL_KEYS, "pair_id", "moving", "fixed"])
+        columns=[*keys, "pair_id", "moving", "fixed"])
     per_pair = _with_network_metrics(per_pair, trials)
     reference_table = _read_references(client, references, problems)
     return Sweep(
@@ -354,6 +390,7 @@ def _load_sweep(tracking_uri: str, parent_run_id: str | None,
         problems=problems,
         references=reference_table,
         parent_params=dict(parent.data.params),
+        study=study,
     )
 
 

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 from regcore.config import Config
 
 __all__ = ["Level", "Factor", "Cell", "SearchSpace", "Study", "parse_study", "read_study",
-           "MAX_FACTORS", "KNOWN_METRICS", "SEARCH_KINDS"]
+           "default_study", "MAX_FACTORS", "KNOWN_METRICS", "SEARCH_KINDS"]
 
 MAX_FACTORS = 4
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -377,3 +377,28 @@ def _known_metrics() -> tuple[str, ...]:
 
 
 KNOWN_METRICS = _known_metrics()
+
+
+def default_study() -> Study:
+    """The original study's 2x2 from `regcore.variants` (sweeps/studies/affine_x_regularizers.yaml
+    is the same study as a file; a test keeps the two equal)."""
+    from regcore.variants import FACTOR_LABELS, VARIANTS
+
+    off, on = VARIANTS["baseline"], VARIANTS["combined_basic"]  # the lr of each affine level
+    data = {
+        "name": "affine_x_regularizers",
+        "factors": {
+            "affine": {"label": FACTOR_LABELS["affine"], "levels": [
+                {"name": "off", "set": {"model.affine": False, "train.lr": off.lr}},
+                {"name": "on", "set": {"model.affine": True, "train.lr": on.lr}}]},
+            "regularize": {"label": FACTOR_LABELS["regularize"], "levels": [
+                {"name": "off", "set": {"loss.regularize": False}},
+                {"name": "on", "set": {"loss.regularize": True}}]},
+        },
+        "cells": {v.name: {"affine": "on" if v.affine else "off",
+                           "regularize": "on" if v.regularize else "off", "label": v.label}
+                  for v in VARIANTS.values()},
+        "metrics": {"primary": "dice_mean",
+                    "secondary": ["hd95_mm", "folding_pct", "sdlogj", "true_error_mm"]},
+    }
+    return parse_study(data, "regcore.variants")

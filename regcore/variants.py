@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Variant", "VARIANTS", "FACTORS", "BASELINE", "get_variant", "variant_for"]
+__all__ = ["Variant", "VARIANTS", "FACTORS", "FACTOR_LABELS", "BASELINE", "get_variant",
+           "variant_for"]
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,9 @@ VARIANTS: dict[str, Variant] = {
     )
 }
 
-#: The factors of the design, in the order (affine, regularize).
+#: The factors of the design, in the order (affine, regularize), and their names in words.
 FACTORS: tuple[str, str] = ("affine", "regularize")
+FACTOR_LABELS: dict[str, str] = {"affine": "the affine stage", "regularize": "the regularizers"}
 BASELINE = "baseline"
 
 

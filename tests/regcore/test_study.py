@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from regcore.config import Config
-from regcore.study import parse_study, read_study
+from regcore.study import default_study, parse_study, read_study
 from regcore.variants import VARIANTS
 
 STUDIES = Path(__file__).resolve().parents[2] / "sweeps" / "studies"
@@ -47,6 +47,10 @@ def test_the_default_study_file_is_the_registry_of_the_original_design():
     assert study.baseline.name == "baseline"
     assert study.primary == "dice_mean" and study.seeds == (0, 1, 2)
     assert study.search.cells == ("regloss", "combined_enhanced")
+    default = default_study()
+    assert (default.factors, default.cells, default.seeds, default.primary, default.secondary,
+            default.search) == (study.factors, study.cells, study.seeds, study.primary,
+                                study.secondary, study.search)
 
 
 def test_every_shipped_study_parses_and_one_has_three_factors():
