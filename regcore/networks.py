@@ -54,6 +54,7 @@ __all__ = [
     "default_channels",
     "upsample_concat",
     "upsample_concat_conv",
+    "upsample_field",
     "concat_pair",
     "count_parameters",
     "MEMORY_FORMAT",
@@ -318,13 +319,19 @@ class VxmUNet(nn.Module):
     (B, dec[-1], D, H, W).
     """
 
-    def __init__(self, in_channels: int, enc: Sequence[int], dec: Sequence[int]):
+    def __init__(self, in_channels: int, enc: Sequence[int], dec: Sequence[int],
+                 coarse_levels: int = 0):
         super().__init__()
         enc, dec = tuple(enc), tuple(dec)
         if len(dec) < len(enc):
             raise ValueError(f"model.dec_channels == {dec}, must have at least as many entries "
                              f"as model.enc_channels == {enc} (one upsampling per level)")
+        if not 0 <= coarse_levels < len(enc):
+            raise ValueError(f"model.flow_levels == {coarse_levels}, must be below the number of "
+                             f"encoder levels ({len(enc)})")
         self.levels = len(enc)
+        #: the decoder stops this many upsamplings short: output at 1 / 2^coarse_levels
+        self.coarse_levels = coarse_levels
         self.encoder = nn.ModuleList()
         prev = in_channels
         for width in enc:
@@ -332,9 +339,9 @@ class VxmUNet(nn.Module):
             prev = width
         self.up_convs = nn.ModuleList()
         skip_widths = list(enc[::-1])
-        for width, skip in zip(dec[:self.levels], skip_widths):
+        for index, (width, skip) in enumerate(zip(dec[:self.levels], skip_widths)):
             self.up_convs.append(ConvAct(prev, width))
-            prev = width + skip
+            prev = width + skip if index < self.levels - coarse_levels else width
         self.full_res = nn.ModuleList()
         for width in dec[self.levels:]:
             self.full_res.append(ConvAct(prev, width))
@@ -354,14 +361,15 @@ class VxmUNet(nn.Module):
         # each conv of the decoder but the first reads an upsampled-and-concatenated tensor
         x = self.up_convs[0](x)
         after_upsample = [*self.up_convs[1:], *self.full_res]
-        for level, skip in enumerate(reversed(skips)):
+        upsamplings = self.levels - self.coarse_levels
+        for level, skip in enumerate(list(reversed(skips))[:upsamplings]):
             if level < len(after_upsample) and self.fuse_upsample:
                 x = upsample_concat_conv(x, skip, after_upsample[level].conv)
             else:
                 x = upsample_concat(x, skip)
                 if level < len(after_upsample):
                     x = after_upsample[level](x)
-        for conv in after_upsample[self.levels:]:
+        for conv in after_upsample[upsamplings:]:
             x = conv(x)
         return x
 
@@ -544,12 +552,13 @@ class RegistrationModel(nn.Module):
             pair = concat_pair(moved, fixed)
         else:
             theta = torch.eye(3, 4, device=moving.device, dtype=torch.float32).expand(batch, 3, 4)
-        flow = self.flow(self.backbone(pair))  # (B, 3, D, H, W) float32
+        flow = self.flow(self.backbone(pair))  # (B, 3, d, h, w) float32, d = D / 2^flow_levels
         velocity = None
-        if self.diffeomorphic:
-            velocity, dense = flow, integrate_velocity(flow, self.int_steps)
+        if self.diffeomorphic:  # integrated on the flow's grid, then upsampled (VoxelMorph)
+            velocity = upsample_field(flow, shape)
+            dense = upsample_field(integrate_velocity(flow, self.int_steps), shape)
         else:
-            dense = flow
+            dense = upsample_field(flow, shape)
         total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         warped = warp(moving, total)
         return RegistrationOutput(theta=theta, dense_ddf_vox=dense, total_ddf_vox=total,
@@ -559,6 +568,19 @@ class RegistrationModel(nn.Module):
         """Inference: `forward` under `torch.inference_mode` (no autograd bookkeeping)."""
         with torch.inference_mode():
             return self(moving, fixed)
+
+
+def upsample_field(field_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A displacement (B, 3, d, h, w) in voxels of its grid, resampled trilinearly onto the
+    grid `shape` of the same extent and rescaled to its voxels (align_corners geometry: a grid
+    of n voxels spans n - 1 intervals). The field itself when the shapes agree."""
+    small = tuple(field_vox.shape[2:])
+    if small == tuple(shape):
+        return field_vox
+    scale = torch.tensor([(n - 1) / (m - 1) for m, n in zip(small, shape)],
+                         device=field_vox.device, dtype=field_vox.dtype).view(1, 3, 1, 1, 1)
+    return F.interpolate(field_vox, size=tuple(shape), mode="trilinear",
+                         align_corners=True) * scale
 
 
 # -- construction ---------------------------------------------------------------------------
@@ -576,7 +598,10 @@ def build_backbone(model_cfg: ModelConfig, in_channels: int) -> nn.Module:
     enc = tuple(model_cfg.enc_channels) or enc_default
     dec = tuple(model_cfg.dec_channels)
     if model_cfg.backbone == "vxm":
-        return VxmUNet(in_channels, enc, dec or dec_default)
+        return VxmUNet(in_channels, enc, dec or dec_default, model_cfg.flow_levels)
+    if model_cfg.flow_levels:
+        raise ValueError(f"model.flow_levels == {model_cfg.flow_levels}, the seed backbone "
+                         f"predicts the flow at full resolution only (0)")
     # seed: the decoder mirrors the encoder levels unless given
     return SeedUNet(in_channels, enc, dec or tuple(enc[-2::-1]))
 

@@ -1,0 +1,164 @@
+"""Instance optimisation, the reference rows, refinement at test time, the flow grid, the
+learning-rate schedule and the training augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from regcore.config import Config
+from regcore.instance import optimise_pair
+from regcore.networks import build_model, upsample_field
+from regcore.reference import reference_table
+from regcore.spatial import warp
+
+# 16^3 embedded cohort with intensities: 1 atlas, 2 training, 1 validation, 2 test subjects.
+TINY = {
+    "variant": "baseline",
+    "data.embedded_subjects": 6,
+    "data.shape": [16, 16, 16],
+    "data.modality": "intensity",
+    "data.n_test": 2,
+    "data.n_val": 1,
+    "model.enc_channels": [4, 8, 8, 8],
+    "model.dec_channels": [8, 8, 8, 8, 8, 4, 4],
+    "loss.ncc_window": 5,
+    "train.epochs": 2,
+    "train.steps_per_epoch": 2,
+    "train.num_threads": 1,
+    "train.eval_repeats": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("embedded"))
+
+    def make(**overrides) -> Config:
+        return Config.from_flat({**TINY, "data.embedded_dir": directory, **overrides})
+    return make
+
+
+@pytest.fixture(scope="module")
+def references(tiny):
+    torch.set_num_threads(1)
+    return reference_table(tiny(), io_steps=60)
+
+
+def test_instance_optimisation_beats_identity_and_truth_is_perfect(references):
+    means = references.groupby("method")[["dice_mean", "true_error_mm", "method_s"]].mean()
+    assert set(means.index) == {"identity", "instance_optimisation", "ground_truth"}
+    ident, io, truth = (means.loc[m] for m in ("identity", "instance_optimisation",
+                                               "ground_truth"))
+    assert io["dice_mean"] > ident["dice_mean"] + 0.05
+    assert io["true_error_mm"] < 0.8 * ident["true_error_mm"]
+    assert truth["dice_mean"] > 0.99 and truth["true_error_mm"] < 1e-4
+    assert io["method_s"] > 0 and ident["method_s"] == 0
+
+
+def test_reference_rows_have_the_per_pair_columns(references, tiny, tmp_path):
+    from regcore.evaluate import PairData, evaluate_test
+
+    config = tiny()
+    data = PairData.from_config(config, torch.device("cpu"))
+    model = build_model(config.model, 1, affine=False)
+    table = evaluate_test(model, data, config, torch.device("cpu"), tmp_path).table
+    assert list(references.columns) == ["method", *[c for c in table.columns
+                                                    if c != "inference_s"], "method_s"]
+    assert len(references) == 3 * len(data.test_pairs)
+
+
+def test_refinement_starts_from_the_network_and_keeps_its_affine(tiny):
+    config = tiny(**{"variant": "combined_basic"})
+    moving = torch.rand(1, 1, 16, 16, 16)
+    theta = torch.tensor([[[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]])
+    # a pure shift of one voxel along axis 0, then 0 steps: the starting field itself
+    zero = torch.zeros(1, 3, 16, 16, 16)
+    result = optimise_pair(moving, moving, config, steps=0, init=zero, theta=theta)
+    assert torch.allclose(result.total_ddf_vox[:, 0], torch.ones(1, 16, 16, 16))
+    fixed = warp(moving, result.total_ddf_vox)
+    refined = optimise_pair(moving, fixed, config, steps=20, init=zero, theta=theta)
+    # the affine already explains the pair: refinement stays near the network's field
+    assert refined.dense_ddf_vox.abs().max() < 0.5
+
+
+def test_diffeomorphic_optimises_a_velocity(tiny):
+    config = tiny(**{"model.diffeomorphic": True})
+    moving, fixed = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    result = optimise_pair(moving, fixed, config, steps=3, levels=2)
+    assert result.velocity_vox is not None and result.velocity_vox.shape == (1, 3, 16, 16, 16)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": -1}, "steps == -1"),
+    ({"lr": 0.0}, "lr == 0.0"),
+    ({"levels": 5}, "levels == 5"),
+    ({"smooth_weight": -1.0}, "smooth_weight == -1.0"),
+])
+def test_bad_arguments(tiny, kwargs, message):
+    x = torch.rand(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        optimise_pair(x, x, tiny(), **kwargs)
+
+
+def test_refine_steps_at_test_time_improve_an_untrained_network(tiny, tmp_path):
+    from regcore.evaluate import PairData, evaluate_test
+
+    torch.manual_seed(0)
+    plain, refined = tiny(), tiny(**{"model.refine_steps": 40})
+    data = PairData.from_config(plain, torch.device("cpu"))
+    model = build_model(plain.model, 1, affine=False)
+    before = evaluate_test(model, data, plain, torch.device("cpu"), tmp_path / "a").means
+    after = evaluate_test(model, data, refined, torch.device("cpu"), tmp_path / "b").means
+    assert after["true_error_mm"] < before["true_error_mm"]
+    assert after["inference_s"] > before["inference_s"]
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_coarse_flow_grid(levels):
+    config = Config.from_flat({"data.modality": "intensity", "model.flow_levels": levels,
+                               "model.enc_channels": [4, 8, 8, 8],
+                               "model.dec_channels": [8, 8, 8, 8, 8, 4, 4]})
+    model = build_model(config.model, 1, affine=False)
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert model(x, x).total_ddf_vox.shape == (1, 3, 16, 16, 16)
+    # a constant coarse field of 1 voxel spans the same extent: (16 - 1) / (m - 1) voxels
+    m = 16 // 2 ** levels
+    field = upsample_field(torch.ones(1, 3, m, m, m), (16, 16, 16))
+    assert torch.allclose(field, torch.full_like(field, 15 / (m - 1)))
+
+
+def test_cosine_schedule_with_warm_up():
+    from regcore.train import learning_rate
+
+    config = Config.from_flat({"train.lr": 1e-3, "train.lr_schedule": "cosine",
+                               "train.warmup_steps": 10, "train.lr_final_frac": 0.1})
+    rates = [learning_rate(config, step, 100) for step in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert max(rates) == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    constant = Config.from_flat({"train.lr": 1e-3})
+    assert {learning_rate(constant, s, 100) for s in range(100)} == {1e-3}
+    # half way through the decay (step 10 + 45 of 90 intervals): the mean of lr and the floor
+    assert math.isclose(learning_rate(config, 55, 101), 1e-4 + 0.9e-3 * 0.5)
+
+
+def test_augmented_batches_are_seeded_and_flip_axis_0(tiny):
+    from regcore.evaluate import PairData
+    from regcore.train import training_batch
+
+    config = tiny(**{"train.augment_pairs": 1.0, "train.augment_flip": True})
+    data = PairData.from_config(config, torch.device("cpu"))
+    first = training_batch(data, [0, 1], config, torch.Generator().manual_seed(3))
+    again = training_batch(data, [0, 1], config, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    flip_only = tiny(**{"train.augment_flip": True})
+    seen = set()
+    for seed in range(8):
+        moving, _ = training_batch(data, [0], flip_only, torch.Generator().manual_seed(seed))
+        plain, _ = data.batch("train", [0])
+        seen.add("same" if torch.equal(moving, plain) else
+                 "flipped" if torch.equal(moving, plain.flip(2)) else "other")
+    assert seen == {"same", "flipped"}
