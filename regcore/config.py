@@ -57,6 +57,7 @@ BACKBONES = ("vxm", "seed")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "amp")
 LR_SCHEDULES = ("constant", "cosine")
+PAIR_INPUTS = ("images", "demons", "demons2", "demons3")
 
 
 def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
@@ -147,6 +148,13 @@ class ModelConfig:
     #: the flow predicted on a grid 2^flow_levels coarser (the decoder stops that many
     #: upsamplings short) and upsampled trilinearly; 0 = full resolution (vxm backbone only)
     flow_levels: int = 0
+    #: what the U-Net sees: "images" (moving, fixed), or also their Demons force
+    #: (networks.demons_force, 3 channels per image channel) on 1, 2 or 3 scales: "demons",
+    #: "demons2", "demons3"
+    pair_input: str = "images"
+    #: the U-Net applied this many times (shared weights), each pass to the pair as registered
+    #: by the passes before; the residual fields compose (not with `diffeomorphic`)
+    passes: int = 1
     #: instance optimisation after the network at test time (regcore.instance): Adam steps
     #: on the network's field per test pair (0 = off), its learning rate (voxels per step) and
     #: the diffusion weight it adds to the configured loss
@@ -167,6 +175,8 @@ class ModelConfig:
         if not isinstance(self.diffeomorphic, bool):
             _fail("model.diffeomorphic", self.diffeomorphic, "true or false")
         _check_number("model.int_steps", self.int_steps, lo=1, hi=20, integer=True)
+        _check_choice("model.pair_input", self.pair_input, PAIR_INPUTS)
+        _check_number("model.passes", self.passes, lo=1, hi=4, integer=True)
         _check_number("model.flow_levels", self.flow_levels, lo=0, hi=3, integer=True)
         _check_number("model.refine_steps", self.refine_steps, lo=0, hi=100000, integer=True)
         _check_number("model.refine_lr", self.refine_lr, lo=0, lo_open=True, hi=10.0)

@@ -55,6 +55,7 @@ __all__ = [
     "upsample_concat",
     "upsample_concat_conv",
     "upsample_field",
+    "demons_force",
     "concat_pair",
     "count_parameters",
     "MEMORY_FORMAT",
@@ -499,9 +500,17 @@ class RegistrationModel(nn.Module):
     """moving, fixed (B, C, D, H, W) -> `RegistrationOutput` (see `forward`)."""
 
     def __init__(self, backbone: nn.Module, in_channels: int, affine: bool,
-                 diffeomorphic: bool = False, int_steps: int = 7, backbone_name: str = ""):
+                 diffeomorphic: bool = False, int_steps: int = 7, backbone_name: str = "",
+                 demons_input: int = 0, passes: int = 1):
         super().__init__()
+        if passes > 1 and diffeomorphic:
+            raise ValueError(f"model.passes == {passes}: the cascade composes displacements; "
+                             f"with model.diffeomorphic use model.passes = 1")
+        #: the U-Net applied this many times, each pass to the pair registered so far
+        self.passes = passes
         self.backbone = backbone
+        #: the U-Net also sees the Demons force of the pair on this many scales (0: none)
+        self.demons_input = demons_input
         self.flow = FlowHead(backbone.out_channels)
         self.affine_head = AffineHead(2 * in_channels) if affine else None
         self.in_channels = in_channels
@@ -552,7 +561,7 @@ class RegistrationModel(nn.Module):
             pair = concat_pair(moved, fixed)
         else:
             theta = torch.eye(3, 4, device=moving.device, dtype=torch.float32).expand(batch, 3, 4)
-        flow = self.flow(self.backbone(pair))  # (B, 3, d, h, w) float32, d = D / 2^flow_levels
+        flow = self._flow(pair)  # (B, 3, d, h, w) float32, d = D / 2^flow_levels
         velocity = None
         if self.diffeomorphic:  # integrated on the flow's grid, then upsampled (VoxelMorph)
             velocity = upsample_field(flow, shape)
@@ -560,14 +569,64 @@ class RegistrationModel(nn.Module):
         else:
             dense = upsample_field(flow, shape)
         total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
+        for _ in range(self.passes - 1):
+            # the same U-Net again on the pair as registered so far; its residual field r is
+            # applied first: dense'(x) = r(x) + dense(x + r(x)) (one field, one resampling)
+            residual = upsample_field(self._flow(concat_pair(warp(moving, total), fixed)), shape)
+            dense = residual + warp(dense, residual)
+            total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         warped = warp(moving, total)
         return RegistrationOutput(theta=theta, dense_ddf_vox=dense, total_ddf_vox=total,
                                   warped=warped, velocity_vox=velocity)
+
+    def _flow(self, pair: torch.Tensor) -> torch.Tensor:
+        """The flow head on the U-Net of (moving, fixed) channels-last, Demons forces added."""
+        if self.demons_input:
+            pair = torch.cat([pair, *demons_pyramid(pair[:, :self.in_channels],
+                                                    pair[:, self.in_channels:],
+                                                    self.demons_input)], dim=1
+                             ).contiguous(memory_format=MEMORY_FORMAT)
+        return self.flow(self.backbone(pair))
 
     def register(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         """Inference: `forward` under `torch.inference_mode` (no autograd bookkeeping)."""
         with torch.inference_mode():
             return self(moving, fixed)
+
+
+def demons_force(moving: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The normalised Demons force of each channel, (B, 3 C, D, H, W) in voxels.
+
+    u_k = (f - m) dm/dx_k / (|grad m|^2 + (f - m)^2 + eps): the optical-flow step that moves
+    the moving image towards the fixed one (bounded by 1/2 voxel). A U-Net computes the
+    product of a difference and a gradient only slowly from the two images; given it as an
+    input, a field that registers is nearly a linear function of its inputs.
+    """
+    m, f = moving.float(), fixed.float()
+    grads = torch.gradient(m, dim=(2, 3, 4))  # central differences, one-sided at the borders
+    diff = f - m
+    denom = sum(g * g for g in grads) + diff * diff + eps
+    return torch.cat([diff * g / denom for g in grads], dim=1)
+
+
+def demons_pyramid(moving: torch.Tensor, fixed: torch.Tensor, scales: int) -> list[torch.Tensor]:
+    """`demons_force` on the full grid and on `scales - 1` grids each 2x coarser (average
+    pooling), every force upsampled back and in voxels of the full grid: the coarse forces
+    reach displacements the fine one (at most 1/2 voxel) cannot."""
+    forces = []
+    m, f = moving, fixed
+    for level in range(scales):
+        if level:
+            m, f = F.avg_pool3d(m, 2), F.avg_pool3d(f, 2)
+        forces.append(upsample_field_channels(demons_force(m, f), tuple(moving.shape[2:])))
+    return forces
+
+
+def upsample_field_channels(fields_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`upsample_field` for (B, 3 k, d, h, w): k displacement fields stacked on the channels."""
+    b, c = fields_vox.shape[:2]
+    stacked = fields_vox.reshape(b * c // 3, 3, *fields_vox.shape[2:])
+    return upsample_field(stacked, shape).reshape(b, c, *shape)
 
 
 def upsample_field(field_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -622,9 +681,11 @@ def build_model(model_cfg: ModelConfig, in_channels: int, affine: bool) -> Regis
         raise ValueError(f"in_channels == {in_channels!r}, must be a positive integer")
     if not isinstance(affine, bool):
         raise TypeError(f"affine == {affine!r}, must be True or False")
-    backbone = build_backbone(model_cfg, 2 * in_channels)
+    demons = {"images": 0, "demons": 1, "demons2": 2, "demons3": 3}[model_cfg.pair_input]
+    backbone = build_backbone(model_cfg, (2 + 3 * demons) * in_channels)
     model = RegistrationModel(backbone, in_channels, affine, model_cfg.diffeomorphic,
-                              model_cfg.int_steps, model_cfg.backbone)
+                              model_cfg.int_steps, model_cfg.backbone, demons_input=demons,
+                              passes=model_cfg.passes)
     return model.to(memory_format=MEMORY_FORMAT)
 
 
