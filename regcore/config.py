@@ -253,6 +253,9 @@ class TrainConfig:
     #: learning-rate schedule over the run's steps: linear warm-up over `warmup_steps`, then
     #: constant or a cosine decay to `lr_final_frac` x lr at the last step
     lr_schedule: str = "constant"
+    #: one multiplier on the learning rate in force (the explicit one or the variant's), so a
+    #: recipe can raise every cell's rate and keep the study's ratios between them
+    lr_scale: float = 1.0
     warmup_steps: int = 0
     lr_final_frac: float = 0.05
     #: on-the-fly augmentation: the share of training pairs replaced by a random ordered pair
@@ -277,6 +280,7 @@ class TrainConfig:
         _check_number("train.num_threads", self.num_threads, lo=0, integer=True)
         _check_number("train.eval_repeats", self.eval_repeats, lo=1, integer=True)
         _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_number("train.lr_scale", self.lr_scale, lo=0, lo_open=True, hi=100.0)
         _check_number("train.warmup_steps", self.warmup_steps, lo=0, integer=True)
         _check_number("train.lr_final_frac", self.lr_final_frac, lo=0, hi=1.0)
         _check_number("train.augment_pairs", self.augment_pairs, lo=0, hi=1.0)
@@ -321,10 +325,12 @@ class Config:
 
     @property
     def lr(self) -> float:
-        """The learning rate in force: the explicit one, else the variant's (study default)."""
+        """The learning rate in force: the explicit one, else the variant's (study default),
+        times `train.lr_scale`."""
         if self.train.lr is not None:
-            return self.train.lr
-        return VARIANTS[self.variant].lr if self.variant in VARIANTS else _DEFAULT_LR
+            return self.train.lr * self.train.lr_scale
+        base = VARIANTS[self.variant].lr if self.variant in VARIANTS else _DEFAULT_LR
+        return base * self.train.lr_scale
 
     def in_force(self) -> "Config":
         """The config with every derived value written out: the factors and the learning rate
@@ -332,7 +338,7 @@ class Config:
         (what a run trains with, as MLflow shows it)."""
         flat = self.to_flat()
         flat.update({"model.affine": self.affine, "loss.regularize": self.regularize,
-                     "train.lr": self.lr})
+                     "train.lr": self.lr, "train.lr_scale": 1.0})
         if not self.regularize:
             flat.update({f"loss.{name}_weight": 0.0 for name in REGULARIZERS})
         return Config.from_flat(flat)

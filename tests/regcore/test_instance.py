@@ -162,3 +162,31 @@ def test_augmented_batches_are_seeded_and_flip_axis_0(tiny):
         seen.add("same" if torch.equal(moving, plain) else
                  "flipped" if torch.equal(moving, plain.flip(2)) else "other")
     assert seen == {"same", "flipped"}
+
+
+def test_demons_force_points_along_the_shift():
+    from regcore.networks import demons_force
+
+    # m(x) = x along axis 0 (a ramp), f = m + 0.5: fixed(x) = moving(x + 0.5), so the force
+    # u_0 = (f - m) m' / (m'^2 + (f - m)^2 + eps) = 0.5 / 1.25 = 0.4 voxel towards +axis 0
+    ramp = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(1, 1, 8, 8, 8).contiguous()
+    force = demons_force(ramp, ramp + 0.5)
+    assert force.shape == (1, 3, 8, 8, 8)
+    assert torch.allclose(force[:, 0], torch.full((1, 8, 8, 8), 0.5 / (1.25 + 1e-3)))
+    assert torch.all(force[:, 1:] == 0)
+
+
+@pytest.mark.parametrize("pair_input, passes", [("demons3", 2), ("images", 3)])
+def test_cascade_and_demons_input_start_at_the_identity(pair_input, passes):
+    config = Config.from_flat({"data.modality": "intensity", "model.pair_input": pair_input,
+                               "model.passes": passes, "model.flow_levels": 1,
+                               "model.enc_channels": [4, 8, 8, 8],
+                               "model.dec_channels": [8, 8, 8, 8, 8, 4, 4]})
+    model = build_model(config.model, 1, affine=True)
+    torch.nn.init.zeros_(model.flow.conv.weight)
+    x = torch.rand(1, 1, 16, 16, 16)
+    output = model(x, torch.rand(1, 1, 16, 16, 16))
+    assert torch.allclose(output.total_ddf_vox, torch.zeros_like(output.total_ddf_vox))
+    with pytest.raises(ValueError, match="model.passes == 2"):
+        build_model(Config.from_flat({"model.passes": 2, "model.diffeomorphic": True}).model, 1,
+                    affine=False)
