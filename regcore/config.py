@@ -153,7 +153,8 @@ class ModelConfig:
     #: "demons2", "demons3"
     pair_input: str = "images"
     #: the U-Net applied this many times (shared weights), each pass to the pair as registered
-    #: by the passes before; the residual fields compose (not with `diffeomorphic`)
+    #: by the passes before; the residual fields compose (with `diffeomorphic`, each pass's
+    #: velocity is integrated; `velocity_vox` is the first pass's)
     passes: int = 1
     #: instance optimisation after the network at test time (regcore.instance): Adam steps
     #: on the network's field per test pair (0 = off), its learning rate (voxels per step) and

@@ -207,8 +207,13 @@ def refine_output(output: Any, moving: torch.Tensor, fixed: torch.Tensor,
     started from a network's output (its dense field or velocity; its affine kept fixed)."""
     from regcore.instance import optimise_pair
 
-    start = output.velocity_vox if config.model.diffeomorphic else output.dense_ddf_vox
+    # a velocity describes the whole field only for one pass; a cascade's composed field is
+    # refined as a displacement
+    by_velocity = config.model.diffeomorphic and config.model.passes == 1
+    start = output.velocity_vox if by_velocity else output.dense_ddf_vox
     theta = output.theta if config.affine else None
+    if config.model.diffeomorphic and not by_velocity:
+        config = config.with_overrides({"model.diffeomorphic": False})
     with torch.inference_mode(False), torch.enable_grad():
         result = optimise_pair(moving.clone(), fixed.clone(), config,
                                steps=config.model.refine_steps, init=start.float().clone(),

@@ -521,9 +521,6 @@ class RegistrationModel(nn.Module):
                  diffeomorphic: bool = False, int_steps: int = 7, backbone_name: str = "",
                  demons_input: int = 0, passes: int = 1):
         super().__init__()
-        if passes > 1 and diffeomorphic:
-            raise ValueError(f"model.passes == {passes}: the cascade composes displacements; "
-                             f"with model.diffeomorphic use model.passes = 1")
         #: the U-Net applied this many times, each pass to the pair registered so far
         self.passes = passes
         self.backbone = backbone
@@ -580,22 +577,26 @@ class RegistrationModel(nn.Module):
         else:
             theta = torch.eye(3, 4, device=moving.device, dtype=torch.float32).expand(batch, 3, 4)
         flow = self._flow(pair)  # (B, 3, d, h, w) float32, d = D / 2^flow_levels
-        velocity = None
-        if self.diffeomorphic:  # integrated on the flow's grid, then upsampled (VoxelMorph)
-            velocity = upsample_field(flow, shape)
-            dense = upsample_field(integrate_velocity(flow, self.int_steps), shape)
-        else:
-            dense = upsample_field(flow, shape)
+        velocity = upsample_field(flow, shape) if self.diffeomorphic else None
+        dense = self._field(flow, shape)
         total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         for _ in range(self.passes - 1):
             # the same U-Net again on the pair as registered so far; its residual field r is
-            # applied first: dense'(x) = r(x) + dense(x + r(x)) (one field, one resampling)
-            residual = upsample_field(self._flow(concat_pair(warp(moving, total), fixed)), shape)
+            # applied first: dense'(x) = r(x) + dense(x + r(x)) (one field, one resampling; a
+            # composition of diffeomorphisms when each r is integrated)
+            residual = self._field(self._flow(concat_pair(warp(moving, total), fixed)), shape)
             dense = residual + warp(dense, residual)
             total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         warped = warp(moving, total)
         return RegistrationOutput(theta=theta, dense_ddf_vox=dense, total_ddf_vox=total,
                                   warped=warped, velocity_vox=velocity)
+
+    def _field(self, flow: torch.Tensor, shape) -> torch.Tensor:
+        """The displacement of one pass on the full grid: the flow itself, or when
+        diffeomorphic the flow as a velocity integrated on its own grid (VoxelMorph)."""
+        if self.diffeomorphic:
+            return upsample_field(integrate_velocity(flow, self.int_steps), shape)
+        return upsample_field(flow, shape)
 
     def _flow(self, pair: torch.Tensor) -> torch.Tensor:
         """The flow head on the U-Net of (moving, fixed) channels-last, Demons forces added."""

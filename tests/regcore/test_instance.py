@@ -187,6 +187,8 @@ def test_cascade_and_demons_input_start_at_the_identity(pair_input, passes):
     x = torch.rand(1, 1, 16, 16, 16)
     output = model(x, torch.rand(1, 1, 16, 16, 16))
     assert torch.allclose(output.total_ddf_vox, torch.zeros_like(output.total_ddf_vox))
-    with pytest.raises(ValueError, match="model.passes == 2"):
-        build_model(Config.from_flat({"model.passes": 2, "model.diffeomorphic": True}).model, 1,
-                    affine=False)
+    diffeo = build_model(Config.from_flat({"model.passes": 2, "model.diffeomorphic": True,
+                                           "model.enc_channels": [4, 8, 8, 8],
+                                           "model.dec_channels": [8, 8, 8, 8, 8, 4, 4]}).model,
+                         1, affine=False)
+    assert diffeo(x, x).velocity_vox.shape == (1, 3, 16, 16, 16)
