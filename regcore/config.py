@@ -156,6 +156,8 @@ class ModelConfig:
     #: by the passes before; the residual fields compose (with `diffeomorphic`, each pass's
     #: velocity is integrated; `velocity_vox` is the first pass's)
     passes: int = 1
+    #: soft bound B on each pass's flow, B tanh(flow / B), in voxels of the flow's grid (0: none)
+    max_flow_vox: float = 0.0
     #: instance optimisation after the network at test time (regcore.instance): Adam steps
     #: on the network's field per test pair (0 = off), its learning rate (voxels per step) and
     #: the diffusion weight it adds to the configured loss
@@ -178,6 +180,7 @@ class ModelConfig:
         _check_number("model.int_steps", self.int_steps, lo=1, hi=20, integer=True)
         _check_choice("model.pair_input", self.pair_input, PAIR_INPUTS)
         _check_number("model.passes", self.passes, lo=1, hi=4, integer=True)
+        _check_number("model.max_flow_vox", self.max_flow_vox, lo=0)
         _check_number("model.flow_levels", self.flow_levels, lo=0, hi=3, integer=True)
         _check_number("model.refine_steps", self.refine_steps, lo=0, hi=100000, integer=True)
         _check_number("model.refine_lr", self.refine_lr, lo=0, lo_open=True, hi=10.0)

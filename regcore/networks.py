@@ -519,8 +519,10 @@ class RegistrationModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, in_channels: int, affine: bool,
                  diffeomorphic: bool = False, int_steps: int = 7, backbone_name: str = "",
-                 demons_input: int = 0, passes: int = 1):
+                 demons_input: int = 0, passes: int = 1, max_flow_vox: float = 0.0):
         super().__init__()
+        #: soft bound on each pass's flow in voxels of its grid (0: none)
+        self.max_flow_vox = float(max_flow_vox)
         #: the U-Net applied this many times, each pass to the pair registered so far
         self.passes = passes
         self.backbone = backbone
@@ -577,7 +579,11 @@ class RegistrationModel(nn.Module):
         else:
             theta = torch.eye(3, 4, device=moving.device, dtype=torch.float32).expand(batch, 3, 4)
         flow = self._flow(pair)  # (B, 3, d, h, w) float32, d = D / 2^flow_levels
-        velocity = upsample_field(flow, shape) if self.diffeomorphic else None
+        velocity = None
+        if self.diffeomorphic:
+            velocity = upsample_field(flow if self.max_flow_vox <= 0 else
+                                      self.max_flow_vox * torch.tanh(flow / self.max_flow_vox),
+                                      shape)
         dense = self._field(flow, shape)
         total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         for _ in range(self.passes - 1):
@@ -593,7 +599,11 @@ class RegistrationModel(nn.Module):
 
     def _field(self, flow: torch.Tensor, shape) -> torch.Tensor:
         """The displacement of one pass on the full grid: the flow itself, or when
-        diffeomorphic the flow as a velocity integrated on its own grid (VoxelMorph)."""
+        diffeomorphic the flow as a velocity integrated on its own grid (VoxelMorph); with
+        `max_flow_vox` > 0 the flow is first bounded softly, B tanh(flow / B) (unchanged where
+        small), so one bad step cannot send the passes into a runaway."""
+        if self.max_flow_vox > 0:
+            flow = self.max_flow_vox * torch.tanh(flow / self.max_flow_vox)
         if self.diffeomorphic:
             return upsample_field(integrate_velocity(flow, self.int_steps), shape)
         return upsample_field(flow, shape)
@@ -704,7 +714,7 @@ def build_model(model_cfg: ModelConfig, in_channels: int, affine: bool) -> Regis
     backbone = build_backbone(model_cfg, (2 + 3 * demons) * in_channels)
     model = RegistrationModel(backbone, in_channels, affine, model_cfg.diffeomorphic,
                               model_cfg.int_steps, model_cfg.backbone, demons_input=demons,
-                              passes=model_cfg.passes)
+                              passes=model_cfg.passes, max_flow_vox=model_cfg.max_flow_vox)
     return model.to(memory_format=MEMORY_FORMAT)
 
 

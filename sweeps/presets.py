@@ -15,6 +15,10 @@ __all__ = ["Preset", "PRESETS", "get_preset"]
 #: the quick recipe's multiplier on the study's learning rates (1e-3 without, 3e-4 with the
 #: affine stage); docs/RECIPE.md
 QUICK_LR_SCALE = 4.0
+#: soft bound on each pass's flow (voxels of the 16^3 flow grid, i.e. 8 of the 32^3 grid; the
+#: embedded cohort's true fields stay under about 3 voxels of 32^3): at lr_scale 4 without it,
+#: regloss seed 2 diverged at epoch 2 in the quick sweep (docs/RECIPE.md)
+QUICK_MAX_FLOW_VOX = 4.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ PRESETS: dict[str, Preset] = {
                 "model.flow_levels": 1,
                 "model.pair_input": "demons3",
                 "model.passes": 3,
+                "model.max_flow_vox": QUICK_MAX_FLOW_VOX,
                 "train.lr_scale": QUICK_LR_SCALE,
                 "train.lr_schedule": "cosine",
                 "train.warmup_steps": 30,

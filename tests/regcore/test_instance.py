@@ -192,3 +192,18 @@ def test_cascade_and_demons_input_start_at_the_identity(pair_input, passes):
                                            "model.dec_channels": [8, 8, 8, 8, 8, 4, 4]}).model,
                          1, affine=False)
     assert diffeo(x, x).velocity_vox.shape == (1, 3, 16, 16, 16)
+
+
+def test_max_flow_bounds_every_pass():
+    # 3 passes, each flow bounded by B = 2 voxels of the 8^3 flow grid = 2 x 15/7 voxels of
+    # 16^3: the composed field stays within 3 x that however large the raw flow
+    config = Config.from_flat({"data.modality": "intensity", "model.passes": 3,
+                               "model.flow_levels": 1, "model.max_flow_vox": 2.0,
+                               "model.enc_channels": [4, 8, 8, 8],
+                               "model.dec_channels": [8, 8, 8, 8, 8, 4, 4]})
+    model = build_model(config.model, 1, affine=False)
+    torch.nn.init.normal_(model.flow.conv.weight, 0.0, 50.0)
+    with torch.no_grad():
+        field = model(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)).total_ddf_vox
+    bound = 3 * 2.0 * 15 / 7
+    assert float(field.abs().max()) <= bound + 1e-4
