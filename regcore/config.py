@@ -28,6 +28,7 @@ __all__ = [
     "STUDY_REG_WEIGHTS",
     "DEFAULT_REG_SCALE",
     "DEFAULT_MAX_DISPLACEMENT_MM",
+    "RETIRED_KEYS",
 ]
 
 #: The five regularizers of the study, in a fixed order, with the study's weights.
@@ -322,6 +323,8 @@ class Config:
         top: dict[str, Any] = {}
         sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
         for key, value in flat.items():
+            if key in RETIRED_KEYS:
+                raise ValueError(f"config key {key!r} was retired: use {RETIRED_KEYS[key]}")
             head, _, rest = str(key).partition(".")
             if rest and head in sections:
                 valid = {f.name for f in fields(_SECTIONS[head])}
@@ -346,6 +349,13 @@ class Config:
         flat.update(overrides)
         return Config.from_flat(flat)
 
+
+#: keys of earlier versions -> what replaces them (a checkpoint drops them: they only shaped the
+#: training loss, never the network)
+RETIRED_KEYS: dict[str, str] = {
+    "loss.max_displacement_vox": "loss.max_displacement_mm (the magnitude threshold is in mm, "
+                                 "the same physical size on any grid)",
+}
 
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,

@@ -259,7 +259,10 @@ def _cube_edge(u: np.ndarray, to: int, start: int) -> np.ndarray:
 
 
 def _det3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    return (a * np.cross(b, c, axis=1)).sum(axis=1)
+    """det[a, b, c] of vectors along axis 1 (written out: np.cross is several times slower)."""
+    return (a[:, 0] * (b[:, 1] * c[:, 2] - b[:, 2] * c[:, 1])
+            - a[:, 1] * (b[:, 0] * c[:, 2] - b[:, 2] * c[:, 0])
+            + a[:, 2] * (b[:, 0] * c[:, 1] - b[:, 1] * c[:, 0]))
 
 
 def ndv_pct(ddf_vox: Any) -> float:
