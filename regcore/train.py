@@ -263,7 +263,8 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
             moving, fixed = data.batch("train", batch)
             with autocast_context(config, device):
                 output = model(moving, fixed)
-            breakdown = compute_loss(_to_float32(output), fixed, config, epoch - 1, epochs)
+            breakdown = compute_loss(_to_float32(output), fixed, config, epoch - 1, epochs,
+                                     spacing_mm=data.spacing_mm("train", batch))
             terms = dict(breakdown.terms)
             weighted = dict(breakdown.weighted)
             total = breakdown.total
