@@ -470,11 +470,17 @@ def summary_table(rows: list[dict[str, Any]]):
 
 
 def _build_report(plan: SweepPlan, tracking_uri: str, out_dir: Path) -> Path:
-    """The report of the parent run, in-process (`python -m analysis.report` does the same)."""
+    """The report of the parent run, in-process (`python -m analysis.report` does the same),
+    then logged as the parent run's artifacts."""
     from analysis.report import build_report
 
-    return Path(build_report(tracking_uri=tracking_uri, parent_run_id=plan.parent_run_id,
+    path = Path(build_report(tracking_uri=tracking_uri, parent_run_id=plan.parent_run_id,
                              experiment=plan.experiment, out_dir=out_dir))
+    # the whole report folder (md, html, png figures, csv tables) as the parent run's
+    # artifacts under report/, so the MLflow UI shows it beside the runs
+    tracking.log_artifacts(tracking.client_for(tracking_uri), plan.parent_run_id,
+                           [(path.parent, "report")])
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

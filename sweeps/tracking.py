@@ -53,6 +53,9 @@ __all__ = [
     "check_tracking_uri",
     "is_local_sqlite",
     "ensure_experiment",
+    "log_dataset",
+    "EXPERIMENT_KIND_TAG",
+    "EXPERIMENT_KIND",
     "client_for",
     "get_or_create_parent",
     "find_child",
@@ -71,6 +74,9 @@ __all__ = [
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "regablate."
+#: MLflow 3's UI opens an experiment of this kind on its training runs (not the GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _HTTP_TIMEOUT_S = 3.0
 
 #: MLflow's REST client settings for every process of a sweep (see the module docstring).
@@ -209,11 +215,35 @@ def ensure_experiment(uri: str, name: str) -> str:
     client = client_for(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                      EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
     if is_local_sqlite(uri):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def log_dataset(client, run_id: str, identity: dict[str, Any],
+                context: str = "training") -> None:
+    """Record the run's data as an MLflow dataset input (what `mlflow.log_input` records; the
+    client call, since a trial writes to its run by id): name, digest, a local source (the
+    cohort's folder) and the profile as JSON. `identity`: `regcore.data.dataset_identity`."""
+    import json
+
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    record = MetaDataset(LocalArtifactDatasetSource(identity["source"]), name=identity["name"],
+                         digest=identity["digest"]).to_dict()
+    record["profile"] = json.dumps(identity.get("profile", {}), sort_keys=True)
+    entity = Dataset(**record)
+    with guard(client, "logging the run's dataset"):
+        client.log_inputs(run_id, datasets=[DatasetInput(
+            entity, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def flat_params(flat: dict[str, Any]) -> dict[str, str]:

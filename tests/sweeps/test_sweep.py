@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from regcore.config import Config
+from regcore.config import REGULARIZERS, Config
 from regcore.variants import VARIANTS
 
 from .conftest import mlflow_client, sweep_runs
@@ -80,9 +80,15 @@ def test_smoke_sweep_end_to_end(sweep_env):
         assert set(params) == FLAT_KEYS
         assert params["variant"] == variant.name and params["seed"] == "0"
         assert params["data.shape"] == "[32, 32, 32]"
-        assert params["train.lr"] == "None" and params["train.num_threads"] == "1"
+        assert params["train.num_threads"] == "1"
         cfg = Config.from_flat({"variant": params["variant"]})
-        assert cfg.lr == variant.lr
+        assert params["train.lr"] == str(variant.lr) and cfg.lr == variant.lr  # in force
+        if not variant.regularize:  # the weights in force: none applied
+            assert all(params[f"loss.{n}_weight"] == "0.0" for n in REGULARIZERS)
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) == 1, run.info.run_name  # once per run, not per attempt
+        assert inputs[0].dataset.name.startswith("embedded-mni152_32x32x32")
+        assert len(inputs[0].dataset.digest) == 16
         if run in search:
             continue  # ASHA may stop a search trial after its first epoch
         assert _epoch_steps(client, run) == [1, 2]
@@ -94,6 +100,13 @@ def test_smoke_sweep_end_to_end(sweep_env):
         assert {"per_pair.csv", "example.npz", "checkpoint"} <= artifacts
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == \
             ["checkpoint/state.pt"]
+
+    assert len({r.inputs.dataset_inputs[0].dataset.digest for r in children}) == 1
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/summary.csv"} <= report_files
+    assert any(p.endswith(".png") for p in report_files), report_files
 
     assert "ablation summary" in proc.stdout
     for name in VARIANTS:
