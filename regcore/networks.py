@@ -170,6 +170,17 @@ def _onednn_conv3d(x, weight, bias, padding):
     return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), (1, 1, 1), 1)
 
 
+#: Below this many voxels along any axis, a conv under CPU bf16 autocast runs in float32:
+#: PyTorch's bf16 oneDNN weight gradient of a channels-last 2^3 volume is intermittently
+#: non-finite (uninitialised memory), and volumes this small cost nothing in float32.
+_BF16_MIN_SIDE = 4
+
+
+def _tiny_under_cpu_bf16(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and min(x.shape[2:]) < _BF16_MIN_SIDE)
+
+
 class Conv3d(nn.Conv3d):
     """`nn.Conv3d` that always takes oneDNN's kernel for float32 on the CPU.
 
@@ -182,6 +193,9 @@ class Conv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tiny_under_cpu_bf16(x):
+            with torch.autocast("cpu", enabled=False):
+                return self.forward(x.float())
         if self.padding_mode == "zeros" and _use_onednn(x, self.weight):
             if self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.groups == 1:
                 return _onednn_conv3d(x, self.weight, self.bias, self.padding)
@@ -193,6 +207,10 @@ class Conv3d(nn.Conv3d):
 def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             padding: int) -> torch.Tensor:
     """Functional form of `Conv3d` (stride 1)."""
+    if _tiny_under_cpu_bf16(x):
+        with torch.autocast("cpu", enabled=False):
+            return _conv3d(x.float(), weight.float(), None if bias is None else bias.float(),
+                           padding)
     if _use_onednn(x, weight):
         return _onednn_conv3d(x, weight, bias, (padding,) * 3)
     return F.conv3d(x, weight, bias, padding=padding)
