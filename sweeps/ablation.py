@@ -13,6 +13,10 @@ sweep's state (`sweep.json`: what was asked, the parent MLflow run); `--resume` 
 Every mistake of the caller (unknown preset or variant, a negative weight, a missing data
 directory, an unreachable tracking server, conflicting flags, a cluster without the resources
 one trial asks for) is one line on stderr and exit code 2, before any run or file is created.
+Every outside resource is probed first, each within a few seconds: the Ray cluster of
+`--address` (sweeps/cluster.py: malformed, nothing listening, not answering as a Ray head
+within 20 s), the tracking store (sweeps/tracking.py: server /health, a sqlite file that is no
+MLflow database, a folder without write permission, a database port) and the data (every file).
 """
 
 from __future__ import annotations
@@ -505,11 +509,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"--resume to continue it, or another --sweep-id")
         raw_uri = tracking.resolve_tracking_uri(args.tracking_uri or
                                                 tracking.DEFAULT_TRACKING_URI, cwd)
+    # Every outside resource, each probed within a few seconds: the cluster, the store, data.
+    from sweeps.cluster import check_address
+
+    check_address(args.address)
     tracking.check_tracking_uri(raw_uri)
     if plan.overrides.get("data.data_dir") is not None:
         from regcore.data import check_data
 
-        check_data(plan.base_config().data)  # every file of the split, before Ray starts
+        import tempfile
+
+        # every file of the split, before Ray starts; a split it makes goes to a scratch
+        # folder, so a failed check leaves the data folder as it was
+        with tempfile.TemporaryDirectory(prefix="regablate-check-") as scratch:
+            check_data(plan.base_config().data, split_dir=scratch)
     report_dir = Path(args.report_dir) if args.report_dir else cwd / "reports" / plan.sweep_id
 
     # 2. Ray, and the resources one trial asks for.
