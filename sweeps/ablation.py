@@ -47,6 +47,7 @@ PROG = "sweeps/ablation.py"
 STATE_FILE = "sweep.json"
 LATEST_FILE = "LATEST"
 PARTS = ("ablation", "search")
+PRIMARY_METRIC = "val.dice_mean"  # the live view's "best so far"
 
 
 # -- the plan: what a sweep runs, saved for --resume ------------------------------------------
@@ -126,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the report")
     p.add_argument("--no-timing", action="store_true",
                    help="skip the controlled timing of the trained networks after the trials")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only errors and the final summary (no live progress)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (status tables, trial output) on the terminal "
+                        "too; it always goes to <storage-path>/<sweep-id>/ray.log")
     return p
 
 
@@ -365,6 +371,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from sweeps.progress import ProgressCallback
     from sweeps.space import ablation_space, search_space, search_variants
     from sweeps.trainable import RunCloser, run_trial, trial_display_name
 
@@ -379,7 +386,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
             name=part, storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[RunCloser(ctx.experiment_id, ctx.sweep_id)],
+            callbacks=[RunCloser(ctx.experiment_id, ctx.sweep_id), ProgressCallback(part)],
             progress_reporter=_reporter(), verbose=1)
 
     results: dict[str, Any] = {}
@@ -490,6 +497,8 @@ def _build_report(plan: SweepPlan, tracking_uri: str, out_dir: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet and --verbose conflict: pass one of them")
     cwd = Path.cwd()
     storage = Path(args.storage_path).expanduser()
     storage = (storage if storage.is_absolute() else cwd / storage).resolve()
@@ -540,18 +549,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sweeps.cluster import check_resources, start_ray
 
-    start_ray(args.address, args.ray_num_cpus)
+    joined = start_ray(args.address, args.ray_num_cpus)
     try:
         slots = check_resources(plan.cpus_per_trial, plan.gpus_per_trial)
         if args.max_concurrent:
             slots = min(slots, args.max_concurrent)
-        return _run(plan, args, storage, raw_uri, report_dir, slots, started)
+        return _run(plan, args, storage, raw_uri, report_dir, slots, started, joined)
     finally:
         ray.shutdown()
 
 
+def _trial_total(plan: SweepPlan) -> int:
+    """How many trials the sweep runs: the ablation grid and the search's samples."""
+    from sweeps.space import search_variants
+
+    search = plan.search_trials if search_variants(plan.variants) else 0
+    return len(plan.variants) * len(plan.seeds) + search
+
+
 def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
-         report_dir: Path, slots: int, started: float) -> int:
+         report_dir: Path, slots: int, started: float, joined: str = "") -> int:
     from regcore.io import atomic_write_text
     from sweeps.trainable import RunCloser, SweepContext
 
@@ -576,10 +593,14 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / STATE_FILE, json.dumps(asdict(plan), indent=2))
     atomic_write_text(storage / LATEST_FILE, plan.sweep_id + "\n")
-    print(f"sweep {plan.sweep_id}: preset {plan.preset}, {len(plan.variants)} variants x "
-          f"{len(plan.seeds)} seeds + {plan.search_trials} search trials, {slots} at a time; "
-          f"MLflow {plan.tracking_uri} experiment {plan.experiment} parent run "
-          f"{plan.parent_run_id}", flush=True)
+    from sweeps.progress import Console, Progress, ProgressCallback, RayLog, View
+
+    console = Console(quiet=args.quiet)
+    ray_log = sweep_dir / "ray.log"
+    console.say(f"sweep {plan.sweep_id}: preset {plan.preset}, {len(plan.variants)} variants "
+                f"x {len(plan.seeds)} seeds + {plan.search_trials} search trials, {slots} at a "
+                f"time; MLflow {plan.tracking_uri} experiment {plan.experiment} parent run "
+                f"{plan.parent_run_id}; Ray's output: {ray_log}")
 
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
                        parent_run_id=plan.parent_run_id, sweep_id=plan.sweep_id,
@@ -589,7 +610,19 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
     tune_started = time.perf_counter()
     status = "FAILED"
     try:
-        results = _run_tuners(plan, sweep_dir, ctx, slots)
+        # Ray's status tables, checkpoint messages and the trials' output go to ray.log; the
+        # terminal shows one live line (sweeps/progress.py)
+        with RayLog(ray_log, tee=args.verbose, preamble=joined) as redirected:
+            console.stream = redirected.terminal
+            ProgressCallback.view = view = View(
+                Progress(_trial_total(plan), plan.epochs, metric=PRIMARY_METRIC,
+                         started=time.monotonic()), console)
+            try:
+                results = _run_tuners(plan, sweep_dir, ctx, slots)
+            finally:
+                view.finish()
+                ProgressCallback.view = None
+                console.stream = sys.stdout
         status = "FINISHED"
     finally:
         tune_s = time.perf_counter() - tune_started

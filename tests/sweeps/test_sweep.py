@@ -108,6 +108,18 @@ def test_smoke_sweep_end_to_end(sweep_env):
     assert {"report/report.md", "report/report.html", "report/summary.csv"} <= report_files
     assert any(p.endswith(".png") for p in report_files), report_files
 
+    # the live view, as plain lines (stdout is a pipe here); Ray's output in ray.log only
+    ray_log = sweep_env.workdir / "ray_results" / "smoke-e2e" / "ray.log"
+    assert proc.stdout.splitlines()[0].endswith(f"Ray's output: {ray_log}")
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("sweep ")
+                and " done, " in line]
+    assert progress[-1].startswith("sweep 6/6 done, 0 running, 0 failed | "), progress
+    assert "best val.dice_mean 0." in progress[-1] and "ETA 0m00s" in progress[-1]
+    assert "\r" not in proc.stdout and "\x1b[" not in proc.stdout
+    for noise in ("== Status ==", "Checkpoint successfully created", "Trial name"):
+        assert noise not in proc.stdout and noise not in proc.stderr, noise
+    assert "== Status ==" in ray_log.read_text()
+
     assert "ablation summary" in proc.stdout
     for name in VARIANTS:
         assert name in proc.stdout.split("ablation summary", 1)[1]
