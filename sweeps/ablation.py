@@ -540,6 +540,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # between loses trial completions. A small sweep's state is tiny: snapshot often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # the terminal shows the sweep's own lines: Ray's output goes to ray.log as it comes
+    # (deduplicated lines would be flushed at ray.shutdown, after the summary), MLflow's
+    # INFO lines ("Creating initial MLflow database tables...") are not shown
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if args.address and "RAY_AUTH_MODE" not in os.environ and (
             Path.home() / ".ray" / "auth_token").exists():
         # A head started with ~/.ray/auth_token present enables token auth; a driver joining it

@@ -157,7 +157,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> str:
 
     Without `address` a fresh local instance is started even when `RAY_ADDRESS` is set, so a
     laptop run never lands on somebody's cluster by accident. Returns what Ray printed while
-    joining a cluster (kept for the sweep's log), else "".
+    it started or joined (kept for the sweep's log).
     """
     import ray
 
@@ -165,15 +165,26 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> str:
                   configure_logging=True, logging_level="warning")
     if address:
         return _join(address, kwargs)
+    import tempfile
+
     for attempt in (1, 2, 3):
-        try:
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, **kwargs)
-            return ""
-        except Exception as error:  # Ray waits only 30 s for its raylet: a loaded machine
-            if attempt == 3 or "timed out during startup" not in str(error):
-                raise
-            print(f"Ray did not start in time ({error}); trying once more", file=sys.stderr)
-            ray.shutdown()
+        # Ray's start-up messages are kept for the sweep's log; shown only if it fails
+        with tempfile.TemporaryFile("w+") as sink:
+            try:
+                with _captured_output(sink):
+                    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                             **kwargs)
+                sink.seek(0)
+                return sink.read()
+            except Exception as error:  # Ray waits only 30 s for its raylet: a loaded machine
+                sink.seek(0)
+                sys.stderr.write(sink.read())
+                if attempt == 3 or "timed out during startup" not in str(error):
+                    raise
+                print(f"Ray did not start in time ({error}); trying once more",
+                      file=sys.stderr)
+                ray.shutdown()
+    return ""
 
 
 def _alive_nodes() -> list[dict[str, float]]:

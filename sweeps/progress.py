@@ -142,7 +142,8 @@ class Console:
         try:
             width = os.get_terminal_size(self.stream.fileno()).columns
         except (OSError, ValueError, AttributeError):
-            width = 200
+            width = 0
+        width = width if width >= 40 else 200  # unknown (a pty without a size): don't cut
         self.stream.write("\r\x1b[K" + text[: max(width - 1, 20)])
         self.stream.flush()
         self._drawn = True
