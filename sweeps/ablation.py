@@ -41,7 +41,7 @@ from regcore.variants import get_variant  # noqa: E402
 from sweeps import tracking  # noqa: E402
 from sweeps.presets import PRESETS, get_preset  # noqa: E402
 
-__all__ = ["main", "SweepPlan", "build_plan", "parse_args"]
+__all__ = ["main", "SweepPlan", "build_plan", "parse_args", "ui_url"]
 
 PROG = "sweeps/ablation.py"
 STATE_FILE = "sweep.json"
@@ -564,6 +564,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.shutdown()
 
 
+def _log_parent_dataset(plan: SweepPlan, raw_uri: str) -> None:
+    """The sweep's data as a dataset input of the parent run too (once): the runs table shows
+    the parent row collapsed over its trials, with its Dataset column filled."""
+    from regcore.data import dataset_identity
+
+    client = tracking.client_for(raw_uri)
+    if not client.get_run(plan.parent_run_id).inputs.dataset_inputs:
+        tracking.log_dataset(client, plan.parent_run_id, dataset_identity(plan.base_config().data))
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows the sweep's runs. MLflow 3.17's UI opens on its GenAI pages
+    unless the address asks for model training (`workflowType`; the experiment's
+    `mlflow.experimentKind` tag alone does not switch it)."""
+    base = (tracking.redact_uri(tracking_uri).rstrip("/")
+            if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def _trial_total(plan: SweepPlan) -> int:
     """How many trials the sweep runs: the ablation grid and the search's samples."""
     from sweeps.space import search_variants
@@ -593,6 +612,7 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
          **{k: v for k, v in plan.base_config().to_flat().items()
             if k not in ("variant", "seed")}},
         run_id=plan.parent_run_id)
+    _log_parent_dataset(plan, raw_uri)
     if not plan.created_utc:
         plan.created_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -693,6 +713,9 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
     print(f"sweep {plan.sweep_id} done in {wall_s:.1f} s; parent run {plan.parent_run_id}")
     if report_path is not None:
         print(f"report: {report_path}")
+    hint = ("" if raw_uri.startswith(("http://", "https://")) else
+            f" (after `mlflow ui --backend-store-uri {plan.tracking_uri}`)")
+    print(f"MLflow UI: {ui_url(raw_uri, plan.experiment_id)}{hint}")
     return code
 
 

@@ -102,6 +102,10 @@ def test_smoke_sweep_end_to_end(sweep_env):
             ["checkpoint/state.pt"]
 
     assert len({r.inputs.dataset_inputs[0].dataset.digest for r in children}) == 1
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == \
+        [children[0].inputs.dataset_inputs[0].dataset.digest]  # the parent row shows it too
+    assert (f"MLflow UI: http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}"
+            f"?workflowType=machine_learning") in proc.stdout
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}

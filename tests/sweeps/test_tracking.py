@@ -122,3 +122,12 @@ def test_report_links_to_the_compare_view_only_for_a_server():
     assert json.loads(unquote_plus(query["runs"])) == ["a1", "b2"]  # the ablation runs only
     assert json.loads(unquote_plus(query["experiments"])) == ["7"]
     assert compare_url(_analysis("sqlite:////tmp/mlflow.db")) is None
+
+
+def test_ui_url_opens_the_model_training_view():
+    from sweeps.ablation import ui_url
+
+    assert ui_url("http://u:secret@mlflow:5000/", "3") == \
+        "http://mlflow:5000/#/experiments/3?workflowType=machine_learning"
+    assert ui_url("sqlite:////tmp/mlflow.db", "1") == \
+        "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
