@@ -487,7 +487,7 @@ def _search_front(doc: Doc, a, figs: dict[str, Path], out: Path) -> None:
     params = [f"cfg.{p}" for p in a.importance["param"]] if not a.importance.empty else []
     doc.table(["run", metric, other, *(p.removeprefix("cfg.") for p in params)],
               [[r["run_name"], num(r[metric], 4), num(r[other], 3),
-                *(num(float(r[p]), 4) if fx._is_number(r[p]) else str(r[p]) for p in params)]
+                *(num(float(r[p]), 4) if fx.is_number(r[p]) else str(r[p]) for p in params)]
                for _, r in on.iterrows()])
     ablation = a.sweep.finished[a.sweep.finished["group"] == "ablation"]
     figs["search_front.png"] = figures.search_front(search, front, ablation,
