@@ -305,8 +305,8 @@ def _default_space(study_cells: tuple[Cell, ...]) -> dict[str, tuple[str, tuple]
             for name, w in weights.items() if w > 0}
 
 
-def _search(w: _Where, value: Any, cells: tuple[Cell, ...], regularizing: list[str]
-            ) -> SearchSpace | None:
+def _search(w: _Where, value: Any, cells: tuple[Cell, ...], regularizing: list[str],
+            factors: tuple[Factor, ...]) -> SearchSpace | None:
     if value is None:
         return SearchSpace(tuple(regularizing), _default_space(cells)) if regularizing else None
     value = _mapping(w, value, "search")
@@ -323,6 +323,12 @@ def _search(w: _Where, value: Any, cells: tuple[Cell, ...], regularizing: list[s
     params = (_default_space(cells) if space is None else
               {key: _search_param(w, key, spec, f"search.space.{key}")
                for key, spec in _mapping(w, space, "search.space").items()})
+    for factor in factors:  # a searched key that a level also sets would erase the factor
+        for level in factor.levels:
+            for key in params:
+                if key in level.overrides:
+                    w.fail(f"search.space.{key}", f"level {level.name!r} of factor "
+                                                  f"{factor.name!r} sets it too")
     return SearchSpace(tuple(chosen), params)
 
 
@@ -350,7 +356,8 @@ def parse_study(data: Any, source: str = "<study>") -> Study:
         w.fail("description", f"expected text, got {description!r}")
     return Study(name=name, description=" ".join(description.split()), factors=factors,
                  cells=cells, seeds=_seeds(w, data.get("seeds")), primary=primary,
-                 secondary=secondary, search=_search(w, data.get("search"), cells, regularizing),
+                 secondary=secondary, search=_search(w, data.get("search"), cells, regularizing,
+                                               factors),
                  source=source)
 
 

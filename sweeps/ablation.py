@@ -32,10 +32,12 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from regcore.cli import UsageError, run_cli  # noqa: E402
-from regcore.config import Config, parse_value  # noqa: E402
-from regcore.variants import get_variant  # noqa: E402
+from regcore.config import REGULARIZERS, Config, parse_value  # noqa: E402
+from regcore.study import Study, default_study, parse_study  # noqa: E402
+from regcore.variants import BASELINE  # noqa: E402
 from sweeps import tracking  # noqa: E402
 from sweeps.presets import PRESETS, get_preset  # noqa: E402
+from sweeps.study_files import DEFAULT_STUDY, load_study, shipped_studies  # noqa: E402
 
 __all__ = ["main", "SweepPlan", "build_plan", "parse_args"]
 
@@ -66,10 +68,28 @@ class SweepPlan:
     experiment_id: str | None = None
     created_utc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the study in its file schema (`Study.to_dict`); empty in sweeps made before studies
+    study: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def study_spec(self) -> Study:
+        return parse_study(self.study, "sweep.json") if self.study else default_study()
+
+    def cell_overrides(self) -> dict[str, dict[str, Any]]:
+        """variant -> the dotted overrides of its study cell and of `--set VARIANT:KEY=...`."""
+        spec = self.study_spec
+        return {v: {**spec.overrides(v), **self.variant_overrides.get(v, {})}
+                for v in self.variants}
+
+    def common_config(self) -> Config:
+        """The preset and the global `--set`s, before any cell's overrides: what a trial config
+        carries (each trial applies its cell's overrides, sweeps.trainable)."""
+        return Config.from_flat({**self.overrides, "variant": BASELINE, "seed": self.seeds[0]})
 
     def base_config(self, variant: str | None = None, seed: int | None = None) -> Config:
-        flat = dict(self.overrides)
-        flat["variant"] = variant or self.variants[0]
+        """The config a trial of `variant` (default: the first) and `seed` trains with."""
+        variant = variant or self.variants[0]
+        flat = {**self.overrides, **self.cell_overrides()[variant]}
         flat["seed"] = self.seeds[0] if seed is None else seed
         return Config.from_flat(flat)
 
@@ -87,10 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: quick, or paper "
                                     f"with --data-dir)")
+    p.add_argument("--study", help=f"a study file (.yaml/.json) or the name of one shipped in "
+                                   f"sweeps/studies/ ({', '.join(shipped_studies())}); "
+                                   f"default {DEFAULT_STUDY}")
     p.add_argument("--epochs", type=int, help="train.epochs of every trial")
     p.add_argument("--seeds", type=int, help="number of replicate seeds (0..N-1)")
     p.add_argument("--seed-list", help="explicit replicate seeds, comma-separated")
-    p.add_argument("--variants", help="comma-separated variants (default: all four)")
+    p.add_argument("--variants", help="comma-separated cells of the study (default: all)")
     p.add_argument("--search-trials", type=int, help="trials of the weight search (0 = none)")
     p.add_argument("--search-metric", help="metric the weight search optimises "
                                            "(default val.dice_mean)")
@@ -163,11 +186,12 @@ def _sets(items: list[str] | None, scoped: bool = False) -> dict[str, Any]:
     return out
 
 
-def _variant_overrides(items: list[str] | None, variants: list[str]) -> dict[str, dict[str, Any]]:
+def _variant_overrides(items: list[str] | None, variants: list[str],
+                       study: Study) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, value in _sets(items, scoped=True).items():
         variant, _, dotted = key.partition(":")
-        get_variant(variant)
+        study.cell(variant)
         if variant not in variants:
             raise ValueError(f"--set {key}=...: variant {variant!r} is not in the sweep's "
                              f"variants {', '.join(variants)}")
@@ -182,6 +206,8 @@ def _explicit_fields(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if args.preset is not None:
         fields["preset"] = args.preset
+    if args.study is not None:
+        fields["study"] = None
     if args.variants is not None:
         fields["variants"] = None
     if args.seeds is not None or args.seed_list is not None:
@@ -206,16 +232,17 @@ def _explicit_fields(args: argparse.Namespace) -> dict[str, Any]:
 def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPlan:
     """Preset + command line -> a validated plan (raises ValueError/UsageError on bad input)."""
     preset = get_preset(preset_name)
-    variants = list(preset.variants)
+    study = load_study(args.study, cwd)
+    variants = [c.name for c in study.cells]
     if args.variants is not None:
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         if not variants:
             raise ValueError(f"--variants == {args.variants!r}, expected a comma-separated list")
         for v in variants:
-            get_variant(v)
+            study.cell(v)
         if len(set(variants)) != len(variants):
             raise ValueError(f"--variants == {args.variants!r} repeats a variant")
-    seeds = list(preset.seeds)
+    seeds = list(study.seeds if preset.seeds is None else preset.seeds)
     if args.seeds is not None and args.seed_list is not None:
         raise UsageError("--seeds and --seed-list conflict: pass one of them")
     if args.seeds is not None:
@@ -252,6 +279,7 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
     for key in ("variant", "seed"):
         if key in overrides:
             raise UsageError(f"--set {key}=... is not allowed: use --variants / --seeds")
+    _check_factor_keys(study, _sets(args.set))
     # Trials run in their own working directories (and on other nodes): absolute paths only.
     data_dir = overrides.get("data.data_dir")
     if data_dir is not None:
@@ -267,9 +295,10 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
     overrides.setdefault("train.num_threads", max(1, int(round(cpus))))
 
     # Validate every trial's config now, not in a worker: unknown keys, negative weights, ...
-    per_variant = _variant_overrides(args.set, variants)
+    per_variant = _variant_overrides(args.set, variants, study)
     for v in variants:
-        Config.from_flat({**overrides, **per_variant.get(v, {}), "variant": v, "seed": seeds[0]})
+        Config.from_flat({**overrides, **study.overrides(v), **per_variant.get(v, {}),
+                          "seed": seeds[0]})
 
     uri = args.tracking_uri or tracking.DEFAULT_TRACKING_URI
     return SweepPlan(
@@ -280,7 +309,20 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
         tracking_uri=tracking.redact_uri(tracking.resolve_tracking_uri(uri, cwd)),
         search_metric=args.search_metric or "val.dice_mean",
         search_mode=args.search_mode or "max", variant_overrides=per_variant,
+        study=study.to_dict(),
     )
+
+
+def _check_factor_keys(study: Study, sets: dict[str, Any]) -> None:
+    """A global `--set` may not change what a factor's levels set: it would erase the factor."""
+    for factor in study.factors:
+        for level in factor.levels:
+            for key in sets:
+                if key in level.overrides:
+                    raise UsageError(
+                        f"--set {key}=... conflicts with level {level.name!r} of the study's "
+                        f"factor {factor.name!r}, which sets it; change the study file, or set "
+                        f"it for one cell with --set CELL:{key}=...")
 
 
 def _new_sweep_id(preset: str) -> str:
@@ -308,8 +350,11 @@ def _check_resume_conflicts(args: argparse.Namespace, stored: SweepPlan, cwd: Pa
         raise UsageError(f"--resume: --preset {explicit['preset']} differs from the sweep's "
                          f"preset {stored.preset} ({stored.sweep_id})")
     asked = build_plan(args, stored.preset, cwd)
+    if "study" in explicit and asked.study_spec != stored.study_spec:
+        raise UsageError(f"--resume: --study {args.study} differs from the sweep's study "
+                         f"{stored.study_spec.name} ({stored.sweep_id})")
     for name in explicit:
-        if name == "preset":
+        if name in ("preset", "study"):
             continue
         if name.startswith("overrides:"):
             key = name.split(":", 1)[1]
@@ -368,7 +413,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
     if plan.gpus_per_trial > 0:
         resources["gpu"] = plan.gpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
-    base = plan.base_config()
+    base = plan.common_config()
 
     def run_config(part: str):
         return tune.RunConfig(
@@ -390,11 +435,14 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
 
     results["ablation"] = _fit("ablation", plan, sweep_dir, trainable, ablation_tuner)
 
-    if plan.search_trials > 0 and search_variants(plan.variants):
+    study = plan.study_spec
+    if plan.search_trials > 0 and search_variants(study, plan.variants):
         def search_tuner():
             import optuna
 
-            space, points = search_space(base, plan.variants, plan.seeds[0], plan.search_trials)
+            configs = {v: plan.base_config(v) for v in plan.variants}
+            space, points = search_space(base, configs, study, plan.seeds[0],
+                                         plan.search_trials)
             sampler = optuna.samplers.TPESampler(
                 seed=plan.seeds[0], n_startup_trials=max(1, plan.search_trials // 2))
             searcher = OptunaSearch(points_to_evaluate=points, sampler=sampler)
@@ -413,8 +461,8 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
 
         results["search"] = _fit("search", plan, sweep_dir, trainable, search_tuner)
     elif plan.search_trials > 0:
-        print(f"{PROG}: no variant of {', '.join(plan.variants)} regularizes: weight search "
-              f"skipped", file=sys.stderr)
+        print(f"{PROG}: none of {', '.join(plan.variants)} is a search cell of the study "
+              f"{study.name}: weight search skipped", file=sys.stderr)
     return results
 
 
@@ -531,6 +579,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.shutdown()
 
 
+def _write_study(plan: SweepPlan, sweep_dir: Path) -> Path:
+    """`study.json` (the study the sweep runs) in the sweep's folder; the analysis reads it from
+    the parent run's artifacts."""
+    from regcore.io import atomic_write_text
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / "study.json"
+    atomic_write_text(path, json.dumps(plan.study_spec.to_dict(), indent=2))
+    return path
+
+
 def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
          report_dir: Path, slots: int, started: float) -> int:
     from regcore.io import atomic_write_text
@@ -548,23 +607,26 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
         {"sweep.variants": ",".join(plan.variants), "sweep.seeds": ",".join(map(str, plan.seeds)),
          "sweep.search_trials": plan.search_trials, "sweep.cpus_per_trial": plan.cpus_per_trial,
          "sweep.gpus_per_trial": plan.gpus_per_trial, "sweep.max_failures": plan.max_failures,
-         "sweep.search_metric": plan.search_metric,
-         **{k: v for k, v in plan.base_config().to_flat().items()
+         "sweep.search_metric": plan.search_metric, "sweep.study": plan.study_spec.name,
+         **{k: v for k, v in plan.common_config().to_flat().items()
             if k not in ("variant", "seed")}},
         run_id=plan.parent_run_id)
+    study_file = _write_study(plan, storage / plan.sweep_id)
+    tracking.log_artifacts(tracking.client_for(raw_uri), plan.parent_run_id, [(study_file, None)])
     if not plan.created_utc:
         plan.created_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / STATE_FILE, json.dumps(asdict(plan), indent=2))
     atomic_write_text(storage / LATEST_FILE, plan.sweep_id + "\n")
-    print(f"sweep {plan.sweep_id}: preset {plan.preset}, {len(plan.variants)} variants x "
+    print(f"sweep {plan.sweep_id}: study {plan.study_spec.name}, preset {plan.preset}, "
+          f"{len(plan.variants)} cells x "
           f"{len(plan.seeds)} seeds + {plan.search_trials} search trials, {slots} at a time; "
           f"MLflow {plan.tracking_uri} experiment {plan.experiment} parent run "
           f"{plan.parent_run_id}", flush=True)
 
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
                        parent_run_id=plan.parent_run_id, sweep_id=plan.sweep_id,
-                       variant_overrides=plan.variant_overrides)
+                       variant_overrides=plan.cell_overrides(),
+                       factor_levels={v: plan.study_spec.level_names(v) for v in plan.variants})
     RunCloser.tracking_uri = raw_uri
     client = tracking.client_for(raw_uri)
     tune_started = time.perf_counter()
@@ -613,7 +675,7 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
         weights = ", ".join(f"{k.split('.')[1].removesuffix('_weight')} {config[k]:.3g}"
                             for k in sorted(config) if k.startswith("loss.")
                             and k.endswith("_weight") and k.split(".")[1].removesuffix("_weight")
-                            in ("smooth", "magnitude", "rigidity", "jacobian", "bending"))
+                            in REGULARIZERS)
         print(f"best weight-search trial ({plan.search_metric} {best[plan.search_metric]:.4g}): "
               f"{best['variant']}, {weights}")
     for r in failed:

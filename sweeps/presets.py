@@ -1,7 +1,7 @@
 """Named sweep sizes: `smoke` (tests, CI), `quick` (the default on a laptop), `paper` (the study).
 
-A preset is a set of dotted regcore config overrides plus the sweep's own knobs (variants,
-seeds, search trials, resources). Every value can be overridden on the command line; the
+A preset is a set of dotted regcore config overrides plus the sweep's own knobs (seeds, search
+trials, resources); what the grid's cells are comes from the study (sweeps/study_files.py). Every value can be overridden on the command line; the
 overrides are applied on top of the preset and validated by `regcore.config.Config`.
 """
 
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-from regcore.variants import VARIANTS
 
 __all__ = ["Preset", "PRESETS", "get_preset"]
 
@@ -20,7 +18,8 @@ class Preset:
     """One sweep size.
 
     `overrides`: dotted regcore config keys applied to every trial (before command-line `--set`).
-    `seeds`: replicate seeds of the ablation grid; the weight search uses the first one.
+    `seeds`: replicate seeds of the ablation grid (None: the study's); the weight search uses
+    the first one.
     `search_trials`: trials of the Optuna weight search (0 = ablation grid only).
     `gpus_per_trial` > 0 needs a cluster with GPUs (checked before any trial starts).
     """
@@ -28,8 +27,7 @@ class Preset:
     name: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] | None = None
     search_trials: int = 0
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0.0
@@ -81,7 +79,6 @@ PRESETS: dict[str, Preset] = {
                 "train.checkpoint_every": 3,
                 "train.eval_repeats": 1,
             },
-            seeds=(0, 1, 2),
             search_trials=4,
             max_failures=1,
         ),
@@ -100,7 +97,6 @@ PRESETS: dict[str, Preset] = {
                 "train.checkpoint_every": 5,
                 "train.device": "cuda",
             },
-            seeds=(0, 1, 2),
             search_trials=20,
             cpus_per_trial=4,
             gpus_per_trial=1.0,

@@ -1,11 +1,12 @@
 """The two search spaces of a sweep, run as two Tuners one after the other.
 
-1. `ablation`: the study's 2x2 design proper, `tune.grid_search` over variant x replicate seed
-   at the study's (or the command line's) weights. FIFO: every cell runs to the end.
-2. `search`: a weight search for the variants that regularize. `OptunaSearch` (TPE) over the
-   five regularizer weights, log-uniform from default/10 to default*10, with ASHA stopping weak
-   trials early. `points_to_evaluate` holds the default weights for each regularizing variant,
-   so those configurations are guaranteed to run. OptunaSearch rejects `grid_search`, which is
+1. `ablation`: the study's design proper, `tune.grid_search` over cell ("variant") x replicate
+   seed; each trial applies its cell's overrides (sweeps.trainable). FIFO: every cell runs to the end.
+2. `search`: a weight search over the study's search cells and space (by default the cells
+   that regularize, and each non-zero regularizer weight log-uniform from default/10 to
+   default*10). `OptunaSearch` (TPE) with ASHA stopping weak trials early.
+   `points_to_evaluate` holds each searched cell's own values, so those configurations are
+   guaranteed to run. OptunaSearch rejects `grid_search`, which is
    why the two parts are separate Tuners.
 
 Every trial config is the flat regcore config (`Config.to_flat`) plus `regablate.group`.
@@ -15,15 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from regcore.config import REGULARIZERS, Config
-from regcore.variants import VARIANTS
+from regcore.config import Config
+from regcore.study import Study
 
-__all__ = ["GROUP_KEY", "SEARCH_RANGE_FACTOR", "ablation_space", "search_space",
-           "search_variants"]
+__all__ = ["GROUP_KEY", "ablation_space", "search_space", "search_variants"]
 
 GROUP_KEY = "regablate.group"
-#: The weight search spans default / factor .. default * factor (log-uniform).
-SEARCH_RANGE_FACTOR = 10.0
 
 
 def _base(base: Config) -> dict[str, Any]:
@@ -41,35 +39,51 @@ def ablation_space(base: Config, variants: list[str], seeds: list[int]) -> dict[
             "seed": tune.grid_search(list(seeds)), GROUP_KEY: "ablation"}
 
 
-def search_variants(variants: list[str]) -> list[str]:
-    """The variants whose regularizers the weight search tunes (those that regularize)."""
-    return [v for v in variants if VARIANTS[v].regularize]
+def search_variants(study: Study, variants: list[str]) -> list[str]:
+    """The cells of the sweep whose weights the search tunes (the study's search cells)."""
+    if study.search is None:
+        return []
+    return [v for v in variants if v in study.search.cells]
 
 
-def search_space(base: Config, variants: list[str], seed: int,
+def _domain(kind: str, args: tuple):
+    from ray import tune
+
+    if kind == "loguniform":
+        return tune.loguniform(*args)
+    if kind == "uniform":
+        return tune.uniform(*args)
+    return tune.choice(list(args))
+
+
+def _inside(kind: str, args: tuple, value: Any) -> bool:
+    if kind == "choice":
+        return value in args
+    return isinstance(value, (int, float)) and args[0] <= value <= args[1]
+
+
+def search_space(base: Config, plan_configs: dict[str, Config], study: Study, seed: int,
                  trials: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(param space, points to evaluate) of the weight search.
+    """(param space, points to evaluate) of the weight search over the study's search space.
 
-    A weight that is 0 in `base` stays 0 (a log range around 0 does not exist).
+    `base`: the sweep's config before any cell's overrides; `plan_configs`: the config each
+    cell trains with in the ablation grid. Their
+    values of the searched keys are the points to evaluate, so those configurations are sure
+    to run (a cell whose value lies outside the space gets no point).
     """
     from ray import tune
 
-    chosen = search_variants(variants)
+    chosen = search_variants(study, list(plan_configs))
     if not chosen:
-        raise ValueError(f"the weight search needs a variant that regularizes, got "
-                         f"{', '.join(variants)}; pass --search-trials 0")
-    weights = base.loss.reg_weights()
-    space: dict[str, Any] = {**_base(base), "seed": seed, GROUP_KEY: "search",
-                             "variant": tune.choice(chosen)}
-    searched = {}
-    for name, default in weights.items():
-        key = f"loss.{name}_weight"
-        if default > 0:
-            space[key] = tune.loguniform(default / SEARCH_RANGE_FACTOR,
-                                         default * SEARCH_RANGE_FACTOR)
-            searched[key] = default
-    points = [{"variant": v, **searched} for v in chosen][:max(trials, 0)]
-    return space, points
-
-
-assert set(REGULARIZERS) == set(Config().loss.reg_weights())  # internal invariant
+        raise ValueError(f"the weight search needs one of the study's search cells, got "
+                         f"{', '.join(plan_configs)}; pass --search-trials 0")
+    params = study.search.params
+    space: dict[str, Any] = {**_base(base), "seed": seed,
+                             GROUP_KEY: "search", "variant": tune.choice(chosen)}
+    space.update({key: _domain(kind, args) for key, (kind, args) in params.items()})
+    points = []
+    for v in chosen:
+        flat = plan_configs[v].to_flat()
+        if all(_inside(kind, args, flat[key]) for key, (kind, args) in params.items()):
+            points.append({"variant": v, **{key: flat[key] for key in params}})
+    return space, points[:max(trials, 0)]

@@ -37,8 +37,11 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     sweep_id: str
-    #: variant -> dotted overrides for that variant only (`--set regloss:train.nan_at_epoch=2`)
+    #: variant (a cell of the study) -> its dotted overrides: the cell's factor levels, then
+    #: `--set CELL:KEY=VALUE` (e.g. `--set regloss:train.nan_at_epoch=2`)
     variant_overrides: dict[str, dict[str, Any]] | None = None
+    #: variant -> factor -> level name (the `regablate.factor.<name>` tags)
+    factor_levels: dict[str, dict[str, str]] | None = None
 
 
 def split_trial_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -119,11 +122,13 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         f"{tracking.TAG}host": socket.gethostname(),
         f"{tracking.TAG}pid": str(os.getpid()),
         f"{tracking.TAG}trial_name": context.get_trial_name(),
+        **{f"{tracking.TAG}factor.{name}": level
+           for name, level in (ctx.factor_levels or {}).get(cfg.variant, {}).items()},
     }
     run_id, _attempt = tracking.get_or_create_child(
         client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
         _run_name_of(context, cfg.variant, cfg.seed, group, trial_id), tags,
-        tracking.flat_params(cfg.to_flat()), existing=done)
+        tracking.flat_params(cfg.in_force().to_flat()), existing=done)
 
     checkpoint = tune.get_checkpoint()
     started = time.perf_counter()

@@ -114,6 +114,8 @@ def test_unquoted_yaml_on_off_are_level_names():
                     for i in range(5)}),
      "study bad.yaml: factors: 5 factors: a full factorial study has 1 to 4"),
     ({"name": "x"}, "study bad.yaml: missing key 'factors'"),
+    (_with(search={"space": {"model.affine": {"choice": [False, True]}}}),
+     "study bad.yaml: search.space.model.affine: level 'off' of factor 'affine' sets it too"),
 ])
 def test_bad_study_files_give_one_line_naming_the_place(data, message):
     with pytest.raises(ValueError) as error:

@@ -106,9 +106,92 @@ def test_trial_slots_counts_per_node():
     assert trial_slots([{"CPU": 8.0, "GPU": 2.0}], 2, 1) == 2
 
 
+BAD_STUDY = """name: mine
+factors:
+  affine:
+    levels:
+      - {name: "off", set: {model.affine: false}}
+      - {name: "on", set: {model.affine: true}}
+  regularize:
+    levels:
+      - {name: "off", set: {loss.regularize: false}}
+      - {name: "on", set: {loss.regularize: true}}
+"""
+
+
+@pytest.mark.parametrize("study, argv, expected", [
+    (None, ["--study", "nope"], "--study 'nope': no such file and no shipped study of that "
+                                "name (shipped: affine_x_regularizers, "),
+    (BAD_STUDY + "colour: red\n", [], "study mine.yaml: unknown key 'colour'"),
+    (BAD_STUDY.replace("model.affine: true", "model.wings: 2"), [],
+     "study mine.yaml: factors.affine.levels[1].set: unknown config key 'model.wings'"),
+    (BAD_STUDY + "cells:\n  a: {affine: 'on', regularize: 'on'}\n"
+                 "  b: {affine: 'on', regularize: 'on'}\n", [],
+     "study mine.yaml: cells.b: duplicate cell: 'a' has the same levels"),
+    (BAD_STUDY.replace('      - {name: "on", set: {model.affine: true}}\n', ""), [],
+     "study mine.yaml: factors.affine.levels: a factor needs exactly 2 levels, got 1"),
+    ("name: [unclosed\n", [], "study mine.yaml: not valid YAML"),
+    (BAD_STUDY, ["--variants", "baseline"], "unknown variant 'baseline' of study 'mine', "
+                                            "expected one of reference, regularize, affine"),
+    (BAD_STUDY, ["--set", "model.affine=true"], "--set model.affine=... conflicts with level "
+                                                "'off' of the study's factor 'affine'"),
+])
+def test_bad_study_one_line_exit_2_nothing_created(study, argv, expected, tmp_path,
+                                                   monkeypatch, capsys):
+    """`--study`: an unknown name, and bad study files (the schema is checked before Ray
+    starts), through the command itself."""
+    from regcore.cli import run_cli
+    from sweeps.ablation import PROG, main
+
+    if study is not None:
+        (tmp_path / "mine.yaml").write_text(study)
+        argv = ["--study", "mine.yaml", *argv]
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, ["--preset", "smoke", *argv], prog=PROG)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_study_cells_and_seeds_make_the_plan(tmp_path):
+    """The 3-factor study: its eight cells, each with its levels' overrides; the preset's seeds
+    unless it has none (quick takes the study's); `--variants` picks cells."""
+    from sweeps.ablation import build_plan, parse_args
+
+    study = "affine_x_regularizers_x_diffeomorphic"
+    plan = build_plan(parse_args(["--study", study]), "quick", tmp_path)
+    assert len(plan.variants) == 8 and plan.seeds == [0, 1, 2]
+    assert plan.study_spec.name == study
+    cfg = plan.base_config("affine-regularize-diffeomorphic", seed=1)
+    assert (cfg.affine, cfg.regularize, cfg.model.diffeomorphic, cfg.lr, cfg.seed) == \
+        (True, True, True, 3e-4, 1)
+    ref = plan.base_config("reference")
+    assert (ref.affine, ref.regularize, ref.model.diffeomorphic, ref.lr) == \
+        (False, False, False, 1e-3)
+    assert ref.data.shape == (32, 32, 32)  # the preset under every cell
+    smoke = build_plan(parse_args(["--study", study, "--variants", "reference,diffeomorphic"]),
+                       "smoke", tmp_path)
+    assert smoke.variants == ["reference", "diffeomorphic"] and smoke.seeds == [0]
+    assert smoke.cell_overrides()["diffeomorphic"]["model.diffeomorphic"] is True
+    # the default is the original 2x2, the registry's names and learning rates
+    default = build_plan(parse_args([]), "quick", tmp_path)
+    assert default.variants == ["baseline", "regloss", "combined_basic", "combined_enhanced"]
+    assert [default.base_config(v).lr for v in default.variants] == [1e-3, 1e-3, 3e-4, 3e-4]
+
+
+def _cell_configs(study, cells):
+    return {c: Config.from_flat(study.overrides(c)) for c in cells}
+
+
 def test_search_space_ranges_and_guaranteed_points():
-    base = Config()
-    space, points = search_space(base, ["baseline", "regloss", "combined_enhanced"], 0, 5)
+    from regcore.study import default_study
+
+    study, base = default_study(), Config()
+    configs = _cell_configs(study, ["baseline", "regloss", "combined_enhanced"])
+    space, points = search_space(base, configs, study, 0, 5)
     assert space["regablate.group"] == "search"
     assert sorted(space["variant"].categories) == ["combined_enhanced", "regloss"]
     for name, default in STUDY_REG_WEIGHTS.items():
@@ -118,10 +201,39 @@ def test_search_space_ranges_and_guaranteed_points():
     # the study's weights run for each regularizing variant
     assert [p["variant"] for p in points] == ["regloss", "combined_enhanced"]
     assert all(p[f"loss.{n}_weight"] == w for p in points for n, w in STUDY_REG_WEIGHTS.items())
-    _, one = search_space(base, ["regloss", "combined_enhanced"], 0, 1)
+    _, one = search_space(base, _cell_configs(study, ["regloss", "combined_enhanced"]), study,
+                          0, 1)
     assert len(one) == 1
-    with pytest.raises(ValueError, match="the weight search needs a variant that regularizes"):
-        search_space(base, ["baseline"], 0, 3)
+    with pytest.raises(ValueError, match="the weight search needs one of the study's search"):
+        search_space(base, _cell_configs(study, ["baseline"]), study, 0, 3)
+
+
+def test_search_space_of_a_study_file(tmp_path):
+    """A study's own search cells and space (uniform, choice); a cell whose value lies outside
+    the space gets no guaranteed point."""
+    from regcore.study import parse_study
+
+    study = parse_study({
+        "name": "lr_x_reg",
+        "factors": {"regularize": {"levels": [{"name": "off", "set": {"loss.regularize": False}},
+                                              {"name": "on", "set": {"loss.regularize": True}}]},
+                    "affine": {"levels": [{"name": "off", "set": {"model.affine": False}},
+                                          {"name": "on", "set": {"model.affine": True}}]}},
+        "search": {"cells": ["regularize", "regularize-affine"],
+                   "space": {"loss.smooth_weight": {"uniform": [0.0, 0.05]},
+                             "train.lr": {"choice": [1e-3, 3e-4]}}},
+    })
+    base = Config().with_overrides({"train.lr": 1e-3})
+    configs = {c.name: Config.from_flat({**base.to_flat(), **study.overrides(c.name)})
+               for c in study.cells}
+    configs["regularize-affine"] = configs["regularize-affine"].with_overrides(
+        {"train.lr": 1e-2})
+    space, points = search_space(base, configs, study, 3, 8)
+    assert sorted(space["variant"].categories) == ["regularize", "regularize-affine"]
+    assert space["seed"] == 3
+    assert (space["loss.smooth_weight"].lower, space["loss.smooth_weight"].upper) == (0.0, 0.05)
+    assert sorted(space["train.lr"].categories) == [3e-4, 1e-3]
+    assert points == [{"variant": "regularize", "loss.smooth_weight": 0.01, "train.lr": 1e-3}]
 
 
 def test_run_names():

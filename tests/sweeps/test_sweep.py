@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from regcore.config import Config
+from regcore.config import REGULARIZERS, Config
 from regcore.variants import VARIANTS
 
 from .conftest import mlflow_client, sweep_runs
@@ -75,14 +75,20 @@ def test_smoke_sweep_end_to_end(sweep_env):
         assert tags["regablate.affine"] == ("true" if variant.affine else "false")
         assert tags["regablate.regularize"] == ("true" if variant.regularize else "false")
         assert tags["regablate.seed"] == "0"
+        assert tags["regablate.factor.affine"] == ("on" if variant.affine else "off")
+        assert tags["regablate.factor.regularize"] == ("on" if variant.regularize else "off")
         assert "hunter" not in str(tags) and "password" not in str(params)
-        # params: the flat config, every value a string
+        # params: the flat config in force, every value a string: the factors and the learning
+        # rate explicit, the weights 0 where the variant applies no regularizer
         assert set(params) == FLAT_KEYS
         assert params["variant"] == variant.name and params["seed"] == "0"
         assert params["data.shape"] == "[32, 32, 32]"
-        assert params["train.lr"] == "None" and params["train.num_threads"] == "1"
-        cfg = Config.from_flat({"variant": params["variant"]})
-        assert cfg.lr == variant.lr
+        assert params["train.num_threads"] == "1"
+        assert float(params["train.lr"]) == variant.lr
+        assert params["model.affine"] == str(variant.affine)
+        assert params["loss.regularize"] == str(variant.regularize)
+        if not variant.regularize:
+            assert all(float(params[f"loss.{n}_weight"]) == 0.0 for n in REGULARIZERS)
         if run in search:
             continue  # ASHA may stop a search trial after its first epoch
         assert _epoch_steps(client, run) == [1, 2]
@@ -102,6 +108,39 @@ def test_smoke_sweep_end_to_end(sweep_env):
     report = Path(proc.stdout.split("report: ", 1)[1].splitlines()[0])
     assert report.exists()
     assert (sweep_env.workdir / "reports" / "smoke-e2e").is_dir()
+
+
+def test_three_factor_study_sweep(sweep_env):
+    """`--study` with the shipped 3-factor study: one FINISHED run per cell x seed with its
+    factor tags, the study as the parent's artifact, and a report with every effect."""
+    import pandas as pd
+
+    from regcore.study import read_study
+    from sweeps.study_files import STUDIES_DIR
+
+    name = "affine_x_regularizers_x_diffeomorphic"
+    study = read_study(STUDIES_DIR / f"{name}.yaml")
+    proc = sweep_env.run("--preset", "smoke", "--study", name, "--sweep-id", "three",
+                         "--search-trials", "0", "--no-timing", "--epochs", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parents, children = sweep_runs(sweep_env)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    client = mlflow_client(sweep_env)
+    assert "study.json" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert sorted(r.info.run_name for r in children) == sorted(f"{c.name}-s0"
+                                                               for c in study.cells)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        cell = run.data.tags["regablate.variant"]
+        levels = study.level_names(cell)
+        assert {f: run.data.tags[f"regablate.factor.{f}"] for f in levels} == levels
+        assert run.data.params["model.diffeomorphic"] == str(levels["diffeomorphic"] == "on")
+    report = Path(proc.stdout.split("report: ", 1)[1].splitlines()[0])
+    effects = pd.read_csv(report.parent / "effects.csv")
+    primary = effects[effects["metric"] == "dice_mean"]
+    assert sorted(primary["effect"]) == sorted([
+        "affine", "regularize", "diffeomorphic", "affine:regularize", "affine:diffeomorphic",
+        "regularize:diffeomorphic", "affine:regularize:diffeomorphic"])
 
 
 def test_failures_retried_nan_reported_others_unaffected(sweep_env):
