@@ -22,6 +22,7 @@ from analysis.metrics import KEY_METRICS, spec
 from analysis.runs import fetch_example
 from analysis.stats import ALPHA, CI_LEVEL, POWER
 from regcore.config import REGULARIZERS
+from regcore.uris import redact_uri
 
 __all__ = ["write_all"]
 
@@ -594,12 +595,6 @@ def _definitions(doc: Doc, a) -> None:
 # -- provenance and the example --------------------------------------------------------------
 
 
-def _redact(uri: str) -> str:
-    import re
-
-    return re.sub(r"//[^/@]*@", "//", uri)
-
-
 def compare_url(a) -> str | None:
     """The MLflow UI's compare view of the ablation runs, when the store is a server."""
     uri = a.sweep.tracking_uri
@@ -608,7 +603,7 @@ def compare_url(a) -> str | None:
     runs = a.sweep.finished[a.sweep.finished["group"] == "ablation"]["run_id"].tolist()
     query = urllib.parse.urlencode({"runs": json.dumps(runs),
                                     "experiments": json.dumps([a.sweep.experiment_id])})
-    return f"{_redact(uri).rstrip('/')}/#/compare-runs?{query}"
+    return f"{redact_uri(uri).rstrip('/')}/#/compare-runs?{query}"
 
 
 def _regularization_line(ablation: pd.DataFrame) -> str:
@@ -638,7 +633,7 @@ def _provenance(doc: Doc, a) -> None:
     n_pairs = a.per_pair["pair_id"].nunique() if not a.per_pair.empty else 0
     doc.items([
         f"Experiment: {s.experiment_name} (id {s.experiment_id}); tracking store "
-        f"{_redact(s.tracking_uri)}.",
+        f"{redact_uri(s.tracking_uri)}.",
         f"Parent run: {s.parent_run_id}; sweep id {s.parent_tags.get('regablate.sweep_id', 'n/a')}"
         f"; preset {s.preset}.",
         f"Trials: {len(s.trials)} ({len(s.finished)} finished, {len(s.unfinished)} not); "

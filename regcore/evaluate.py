@@ -171,7 +171,6 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
             warped_seg=warped_seg, ddf_vox=ddf_np, spacing_mm=spacing_mm,
             moving_image=moving_sim, fixed_image=fixed_sim, warped_image=warped_sim,
             true_ddf_vox=true_ddf, inference_s=seconds))
-        row["inference_s"] = seconds
         row["device"] = _device_name(device)
         row["similarity_on"] = similarity_on
         rows.append(row)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from regcore.checkpoint import config_from_state, load_checkpoint
+from regcore.cli import ArgumentParser
 from regcore.runtime import infer, resolve_device
 
 __all__ = ["main", "register_arrays", "load_model"]
@@ -47,14 +48,8 @@ __all__ = ["main", "register_arrays", "load_model"]
 NIFTI_INTENT_VECTOR = 1007
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        from regcore.cli import UsageError
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m regcore.register",
         description=__doc__.split("\n\n", 2)[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)

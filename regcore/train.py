@@ -58,6 +58,7 @@ from regcore.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from regcore.cli import ArgumentParser
 from regcore.config import Config, parse_value
 from regcore.runtime import autocast, configure_device, seed_everything, select_device, to_float32
 
@@ -321,7 +322,7 @@ def build_config(variant: str, *, config_file: str | None = None, data_dir: str 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m regcore.train",
         description="Train one variant of the study on one data split and evaluate it on the "
                     "test pairs. Writes checkpoints/, per_pair.csv, example.npz and metrics.json "
@@ -341,14 +342,6 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="KEY=VALUE", help="any dotted config key, e.g. train.lr=1e-4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises a UsageError (one line, exit 2 through run_cli) instead of exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        from regcore.cli import UsageError
-        raise UsageError(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,6 +46,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
+from regcore.uris import DEFAULT_TRACKING_URI, redact_uri  # re-exported: sweeps' callers use them
+
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "redact_uri",
@@ -69,7 +71,6 @@ __all__ = [
     "guard",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "regablate."
 _HTTP_TIMEOUT_S = 3.0
 
@@ -132,17 +133,6 @@ class guard:
                 f"{budget} retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES; ~{RETRY_BUDGET_S} s with "
                 f"the sweep's defaults), last error {type(error).__name__}") from None
         return False
-
-
-def redact_uri(uri: str) -> str:
-    """`http://user:secret@host:5000` -> `http://host:5000` (anything without credentials is kept)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def is_local_sqlite(uri: str) -> bool:
@@ -361,8 +351,3 @@ def log_artifacts(client, run_id: str, files: Iterable[tuple[Path, str | None]])
                 client.log_artifacts(run_id, str(path), artifact_path)
             elif path.is_file():
                 client.log_artifact(run_id, str(path), artifact_path)
-
-
-def safe_env_summary() -> dict[str, str]:
-    """Environment facts worth a tag; never tokens or credentials."""
-    return {"host": os.uname().nodename, "pid": str(os.getpid())}
