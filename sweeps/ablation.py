@@ -35,7 +35,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from regcore.cli import UsageError, run_cli  # noqa: E402
+from regcore.cli import ArgumentParser, UsageError, run_cli  # noqa: E402
 from regcore.config import REGULARIZERS, Config, parse_value  # noqa: E402
 from regcore.study import Study, default_study, parse_study  # noqa: E402
 from regcore.variants import BASELINE  # noqa: E402
@@ -103,13 +103,8 @@ class SweepPlan:
         return self.base_config().train.epochs
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: quick, or paper "
                                     f"with --data-dir)")
     p.add_argument("--study", help=f"a study file (.yaml/.json) or the name of one shipped in "

@@ -14,25 +14,10 @@ by `Tuner.restore`, so the sweep logs itself:
 Tracking URIs may carry `user:password@`; `redact_uri` strips them before a URI is written
 anywhere (tags, params, sweep state, messages).
 
-A tracking server that is unreachable for a while (restarted, redeployed, a network blip) is
-ridden out by MLflow's own REST client, with an explicit budget: `client_for` sets
-`HTTP_RETRY_ENV` in the process's environment (driver and every trial; a value the operator
-already exported wins). Every REST call (metrics, params, tags, run status, artifact uploads
-through `--serve-artifacts`) is retried by urllib3 after 0, 4, 8, 16, 32 and 64 s (backoff
-factor 2, plus up to 1 s of jitter each): a call whose connection is refused is given up only
-after its 7th attempt, about 124-130 s after the first one, so an outage of up to ~2 minutes
-costs a trial that long a pause and nothing else: the call that was waiting goes through once
-the server answers, with its original step and timestamp, and no metric is lost
-(tests/sweeps/test_mlflow_outage.py kills the server mid-sweep and restarts it). A server that
-hangs instead of refusing adds up to `MLFLOW_HTTP_REQUEST_TIMEOUT` (30 s) per attempt.
-Beyond the budget the call fails with `TrackingUnreachableError`, one line naming the server
-(redacted) and the budget: the trial fails (and is retried by Tune if `--max-failures`
-allows) without writing to the server again; its run is left RUNNING and the driver ends it
-(FAILED) at the end of the sweep if the server answers by then, else the driver's own call
-fails with the same one-line error.
-Known limit: all methods are retried, so a request the server applied just before it died,
-whose answer was lost, is sent again (identical metrics are then stored twice at the same
-step and timestamp; a lost `create_run` answer would give a trial a second run).
+A tracking server that is unreachable for a while is ridden out by MLflow's own REST client
+with an explicit retry budget (`HTTP_RETRY_ENV`, set by `client_for` where the operator has
+not); past it a call fails with `TrackingUnreachableError`, one line naming the redacted
+server. The arithmetic and the limits: docs/DEPLOYMENT.md, "Tracking-server outages".
 """
 
 from __future__ import annotations
@@ -46,6 +31,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
+
+from regcore.uris import DEFAULT_TRACKING_URI, redact_uri  # re-exported: sweeps' callers use them
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
@@ -73,7 +60,6 @@ __all__ = [
     "guard",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "regablate."
 #: MLflow 3's UI opens an experiment of this kind on its training runs (not the GenAI overview).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -139,17 +125,6 @@ class guard:
                 f"{budget} retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES; ~{RETRY_BUDGET_S} s with "
                 f"the sweep's defaults), last error {type(error).__name__}") from None
         return False
-
-
-def redact_uri(uri: str) -> str:
-    """`http://user:secret@host:5000` -> `http://host:5000` (anything without credentials is kept)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def is_local_sqlite(uri: str) -> bool:
@@ -448,8 +423,3 @@ def log_artifacts(client, run_id: str, files: Iterable[tuple[Path, str | None]])
                 client.log_artifacts(run_id, str(path), artifact_path)
             elif path.is_file():
                 client.log_artifact(run_id, str(path), artifact_path)
-
-
-def safe_env_summary() -> dict[str, str]:
-    """Environment facts worth a tag; never tokens or credentials."""
-    return {"host": os.uname().nodename, "pid": str(os.getpid())}

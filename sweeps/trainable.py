@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from sweeps import tracking
 from sweeps.space import GROUP_KEY
 
@@ -202,13 +204,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         client.set_terminated(run_id, status="FINISHED")
 
 
-def _callback_base():
-    from ray import tune
-
-    return tune.Callback
-
-
-class RunCloser(_callback_base()):
+class RunCloser(tune.Callback):
     """Driver-side Tune callback: ends a trial's MLflow run that its trial could not end.
 
     A trial stopped early by ASHA, or one whose process died, leaves its run RUNNING. The
