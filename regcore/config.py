@@ -40,13 +40,8 @@ STUDY_REG_WEIGHTS: dict[str, float] = {
     "jacobian": 0.1,
     "bending": 0.005,
 }
-#: One multiplier on the five weights (their ratios stay the study's). At the study's literal
-#: weights (scale 1) the regularizers are inert even in voxel units: at 64^3 on the embedded
-#: cohort with local NCC they made 0.05 % of the loss and the regularized variant folded no
-#: less than the baseline (0.74 % against 0.52 %). At 300 (smoothness 0.3 -> 0.03 of the
-#: similarity over the adaptive schedule, the order of VoxelMorph's lambda = 1 for NCC) the same
-#: run folded 0.000 % with SDlogJ 0.15 (baseline 1.46) at unchanged Dice (0.541 vs 0.545):
-#: docs/STUDY.md. `loss.reg_scale=1` gives the study's literal weights.
+#: One multiplier on the five weights (their ratios kept): at the study's literal weights
+#: (scale 1) the regularizers are inert; docs/STUDY.md has the measurements behind 300.
 DEFAULT_REG_SCALE = 300.0
 
 #: default `loss.max_displacement_mm`: binding on the embedded cohort, whose true fields pass it

@@ -19,8 +19,6 @@ synchronisation before the clock stops; the device is named in the `device` colu
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from regcore.config import Config
+from regcore.runtime import infer, median_seconds
 
 __all__ = ["PairData", "validate", "evaluate_test", "TestResult", "timed_forward",
            "warp_labels"]
@@ -82,32 +81,17 @@ class PairData:
         return self.to_device(moving), self.to_device(fixed)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _forward(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
-             config: Config, device: torch.device) -> Any:
-    from regcore.train import _to_float32, autocast_context
-
-    with torch.inference_mode(), autocast_context(config, device):
-        return _to_float32(model(moving, fixed))
-
-
 def timed_forward(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
                   config: Config, device: torch.device, repeats: int) -> tuple[Any, float]:
     """The model's output and the median wall time in seconds of `repeats` forward passes
     (after the caller's warm-up), each ending with a device synchronisation."""
-    times = []
-    output = None
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        output = _forward(model, moving, fixed, config, device)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return output, float(statistics.median(times))
+    outputs = []
+
+    def forward() -> None:
+        outputs[:] = [infer(model, moving, fixed, config.train.precision, device)]
+
+    seconds = median_seconds(forward, repeats, device, warmup=0)
+    return outputs[0], seconds
 
 
 def warp_labels(seg: torch.Tensor, ddf_vox: torch.Tensor) -> torch.Tensor:
@@ -133,7 +117,7 @@ def validate(model: torch.nn.Module, data: PairData, config: Config,
     for index in range(n):
         item = data.item("val", index)
         moving, fixed = data.collate([item])
-        output = _forward(model, moving, fixed, config, device)
+        output = infer(model, moving, fixed, config.train.precision, device)
         ddf = output.total_ddf_vox.float()
         warped = warp_labels(item["moving_seg"][None].to(device), ddf)[0].cpu()
         dice.append(float(np.nanmean(list(dice_per_label(warped, item["fixed_seg"]).values()))))
@@ -171,7 +155,7 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
         item = data.item("test", index)
         moving_in, fixed_in = data.collate([item])
         if index == 0:  # one untimed pass: allocator, cudnn autotuning, lazy initialisation
-            _forward(model, moving_in, fixed_in, config, device)
+            infer(model, moving_in, fixed_in, config.train.precision, device)
         output, seconds = timed_forward(model, moving_in, fixed_in, config, device,
                                         config.train.eval_repeats)
         ddf = output.total_ddf_vox.float()  # (1, 3, D, H, W) voxels
@@ -195,7 +179,6 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
             warped_seg=warped_seg, ddf_vox=ddf_np, spacing_mm=spacing_mm,
             moving_image=moving_sim, fixed_image=fixed_sim, warped_image=warped_sim,
             true_ddf_vox=true_ddf, inference_s=seconds))
-        row["inference_s"] = seconds
         row["device"] = _device_name(device)
         row["similarity_on"] = similarity_on
         rows.append(row)

@@ -40,21 +40,16 @@ import numpy as np
 import torch
 
 from regcore.checkpoint import config_from_state, load_checkpoint
-from regcore.config import replace_section
+from regcore.cli import ArgumentParser
+from regcore.runtime import infer, resolve_device
 
 __all__ = ["main", "register_arrays", "load_model"]
 
 NIFTI_INTENT_VECTOR = 1007
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        from regcore.cli import UsageError
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m regcore.register",
         description=__doc__.split("\n\n", 2)[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +108,6 @@ def register_arrays(model: torch.nn.Module, config, moving: np.ndarray, fixed: n
     """(3, D, H, W) float32 displacement in voxels of the input grid for (D, H, W) inputs
     (label maps or [0, 1] intensities, as the model's modality wants)."""
     from regcore.data.volume import one_hot, resample_array
-    from regcore.evaluate import _forward
 
     shape = tuple(moving.shape)
     train_shape = tuple(config.data.shape)
@@ -124,10 +118,10 @@ def register_arrays(model: torch.nn.Module, config, moving: np.ndarray, fixed: n
         channels = one_hot(small) if labels else small[None].astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(channels))[None].to(device)
 
-    run_config = replace_section(config, "train", device=device.type,
-                                 precision="fp32" if config.train.precision == "amp"
-                                 and device.type != "cuda" else config.train.precision)
-    output = _forward(model, prepare(moving), prepare(fixed), run_config, device)
+    # float16 autocast exists on CUDA only: an amp-trained model runs in fp32 elsewhere
+    precision = ("fp32" if config.train.precision == "amp" and device.type != "cuda"
+                 else config.train.precision)
+    output = infer(model, prepare(moving), prepare(fixed), precision, device)
     ddf_small = output.total_ddf_vox[0].float().cpu().numpy()  # (3, d, h, w) voxels of train grid
     if shape == train_shape:
         return ddf_small.astype(np.float32)
@@ -157,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out-dir {args.out_dir!r} exists and is not a directory")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     model, config = load_model(args.checkpoint, device)
     labels = config.data.modality == "seg4_onehot"
     fixed_img, fixed = _read(args.fixed, "--fixed")

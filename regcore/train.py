@@ -36,12 +36,9 @@ Command: `python -m regcore.train --variant combined_enhanced [--data-dir D] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -50,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from regcore.checkpoint import (
@@ -62,10 +58,12 @@ from regcore.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from regcore.cli import ArgumentParser
 from regcore.config import Config, parse_value
+from regcore.runtime import autocast, configure_device, seed_everything, select_device, to_float32
 
-__all__ = ["train", "TrainResult", "DivergenceError", "check_displacement", "select_device",
-           "seed_everything", "build_config", "main"]
+__all__ = ["train", "TrainResult", "DivergenceError", "check_displacement", "build_config",
+           "main"]
 
 ReportFn = Callable[[dict[str, float], "str | None"], None]
 
@@ -105,57 +103,6 @@ class TrainResult:
     example_path: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
     device: str = "cpu"
-
-
-# -- set-up --------------------------------------------------------------------------------
-def select_device(config: Config) -> torch.device:
-    """`train.device`: auto = CUDA when present, else CPU. Checks precision against the device."""
-    wanted = config.train.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device == 'cuda', but no CUDA device is available; use auto or cpu")
-    device = torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if config.train.precision == "amp" and device.type != "cuda":
-        raise ValueError(f"train.precision == 'amp' needs a CUDA device, the device is "
-                         f"{device.type}; use bf16 or fp32 on a CPU")
-    return device
-
-
-def configure_device(config: Config, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        threads = config.train.num_threads or len(os.sched_getaffinity(0))
-        torch.set_num_threads(max(1, threads))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def autocast_context(config: Config, device: torch.device):
-    precision = config.train.precision
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "amp":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _to_float32(output: Any) -> Any:
-    """The model's output with every floating tensor in float32 (losses run outside autocast)."""
-    def cast(value: Any) -> Any:
-        if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float32:
-            return value.float()
-        return value
-    if dataclasses.is_dataclass(output):
-        return dataclasses.replace(output, **{f.name: cast(getattr(output, f.name))
-                                              for f in dataclasses.fields(output) if f.init})
-    if hasattr(output, "_replace"):
-        return output._replace(**{k: cast(v) for k, v in output._asdict().items()})
-    return output
 
 
 # -- data order ----------------------------------------------------------------------------
@@ -215,7 +162,7 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
     if resume_from is not None:
         resume_state = load_checkpoint(resume_from)
         check_compatible(resume_state, config, resume_from)
-    configure_device(config, device)
+    configure_device(device, config.train.num_threads)
     seed_everything(config.seed)
     data = evaluate.PairData.from_config(config, device)
     if not data.train_pairs:
@@ -261,9 +208,9 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
         batches = epoch_order(len(data.train_pairs), config, order)
         for step, batch in enumerate(batches, start=1):
             moving, fixed = data.batch("train", batch)
-            with autocast_context(config, device):
+            with autocast(config.train.precision, device):
                 output = model(moving, fixed)
-            breakdown = compute_loss(_to_float32(output), fixed, config, epoch - 1, epochs,
+            breakdown = compute_loss(to_float32(output), fixed, config, epoch - 1, epochs,
                                      spacing_mm=data.spacing_mm("train", batch))
             terms = dict(breakdown.terms)
             weighted = dict(breakdown.weighted)
@@ -376,7 +323,7 @@ def build_config(variant: str, *, config_file: str | None = None, data_dir: str 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m regcore.train",
         description="Train one variant of the study on one data split and evaluate it on the "
                     "test pairs. Writes checkpoints/, per_pair.csv, example.npz and metrics.json "
@@ -396,14 +343,6 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="KEY=VALUE", help="any dotted config key, e.g. train.lr=1e-4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises a UsageError (one line, exit 2 through run_cli) instead of exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        from regcore.cli import UsageError
-        raise UsageError(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
