@@ -46,7 +46,7 @@ DEFAULT_REG_SCALE = 300.0
 
 #: default `loss.max_displacement_mm`: binding on the embedded cohort, whose true fields pass it
 #: on the tail of every test pair (docs/METRICS.md)
-DEFAULT_MAX_DISPLACEMENT_MM = 15.0
+DEFAULT_MAX_DISPLACEMENT_MM = 25.0
 
 MODALITIES = ("seg4_onehot", "intensity")
 _VARIANT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")

@@ -177,7 +177,7 @@ def test_compute_loss_without_regularization(labels):
     assert result.factor == 0.0
     for name in REGULARIZERS:
         assert not result.terms[name].requires_grad
-        # |u| < 15 mm everywhere at 1 mm voxels, so only the magnitude hinge is 0
+        # |u| < 25 mm everywhere at 1 mm voxels, so only the magnitude hinge is 0
         assert result.terms[name].item() > 0 or name == "magnitude"
         assert result.weighted[name].item() == 0
     result.total.backward()
@@ -206,7 +206,7 @@ def test_compute_loss_with_regularization_uses_the_dense_field(labels):
 
 
 def test_compute_loss_magnitude_threshold_is_in_mm(labels):
-    # the same field in voxels at 1 mm stays under 15 mm; at 8 mm voxels (up to ~9 voxels x 8)
+    # the same field in voxels at 1 mm stays under 25 mm; at 8 mm voxels (up to ~9 voxels x 8)
     # it passes the threshold, and per batch item spacings are taken as given
     out, fixed = _output(labels), _onehot(labels)
     cfg = _cfg("regloss")

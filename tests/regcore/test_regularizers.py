@@ -82,7 +82,7 @@ def test_magnitude_hinge_closed_form():
     torch.testing.assert_close(magnitude(u, (2.0, 2.0, 2.0), 20.0),
                                torch.tensor(0.045, dtype=torch.float64))
     assert magnitude(u, (2.0, 2.0, 2.0), 26.0) == 0
-    assert magnitude(u, (2.0, 2.0, 2.0)) == magnitude(u, (2.0, 2.0, 2.0), 15.0)  # the default
+    assert magnitude(u, (2.0, 2.0, 2.0)) == magnitude(u, (2.0, 2.0, 2.0), 25.0)  # the default
 
 
 def test_magnitude_is_the_same_on_any_grid():
@@ -90,8 +90,9 @@ def test_magnitude_is_the_same_on_any_grid():
     u = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64)
     u[:, 1, :2] = 10.0  # 10 voxels x 3 mm = 30 mm -> relu(30/15 - 1)^2 = 1 on half the volume
     fine = 2 * torch.nn.functional.interpolate(u, scale_factor=2, mode="nearest")
-    torch.testing.assert_close(magnitude(u, (3.0, 3.0, 3.0)), torch.tensor(0.5, dtype=torch.float64))
-    torch.testing.assert_close(magnitude(fine, (1.5, 1.5, 1.5)), magnitude(u, (3.0, 3.0, 3.0)))
+    coarse_value = magnitude(u, (3.0, 3.0, 3.0), 15.0)
+    torch.testing.assert_close(coarse_value, torch.tensor(0.5, dtype=torch.float64))
+    torch.testing.assert_close(magnitude(fine, (1.5, 1.5, 1.5), 15.0), coarse_value)
 
 
 def test_magnitude_scales_each_axis_by_its_spacing_and_batch_item():
@@ -99,7 +100,7 @@ def test_magnitude_scales_each_axis_by_its_spacing_and_batch_item():
     u[:, 2] = 10.0  # along W only
     spacing = torch.tensor([[9.0, 9.0, 3.0], [1.0, 1.0, 6.0]], dtype=torch.float64)
     # item 0: 30 mm -> 1; item 1: 60 mm -> relu(4 - 1)^2 = 9; mean 5
-    torch.testing.assert_close(magnitude(u, spacing), torch.tensor(5.0, dtype=torch.float64))
+    torch.testing.assert_close(magnitude(u, spacing, 15.0), torch.tensor(5.0, dtype=torch.float64))
 
 
 def test_magnitude_gradient_is_finite_at_zero_displacement():
