@@ -590,6 +590,13 @@ def _definitions(doc: Doc, a) -> None:
                   f"{'higher' if s.direction > 0 else 'lower'} is better")
         items.append(f"{s.label} ({metric}{unit}; {better}; {s.family}): {s.definition}")
     doc.items(items)
+    doc.p("A structure that vanished from the warped map or appeared in it scores as the worst "
+          "case, never the best: its HD95 is infinite (ours and Learn2Reg's), so the pair's "
+          "mean over labels is infinite, every mean over pairs that includes it is infinite, "
+          "and an effect on that metric is reported as not estimable with the count of "
+          "infinite pair values; labels_missing counts such labels per pair. Dice leaves out "
+          "a label absent from the fixed map (NaN, as Learn2Reg) and scores one that vanished "
+          "from the warped map 0. docs/METRICS.md gives every definition beside Learn2Reg's.")
 
 
 # -- provenance and the example --------------------------------------------------------------

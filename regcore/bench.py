@@ -51,6 +51,8 @@ COLUMNS = ("backbone", "size", "params_M", "GFLOP", "fwd_s", "GFLOP/s", "of_matm
            "train_s", "reg_share_pct", "peak_MB", "monai_fwd_s", "monai/ours")
 
 SMOKE_SIZES = (32,)
+#: the voxel size the synthetic pairs stand for (the regularizers' magnitude threshold is in mm)
+SYNTHETIC_SPACING_MM = (1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -278,7 +280,8 @@ def bench_backbone(backbone: str, size: int, *, device: torch.device, precision:
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device):
             output = model(moving, fixed)
-        loss = compute_loss(to_float32(output), fixed, config, 0, 1)
+        loss = compute_loss(to_float32(output), fixed, config, 0, 1,
+                            spacing_mm=SYNTHETIC_SPACING_MM)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
@@ -293,7 +296,7 @@ def bench_backbone(backbone: str, size: int, *, device: torch.device, precision:
     ddf = (0.5 * torch.randn(1, 3, size, size, size, device=device)).requires_grad_()
 
     def regularizers():
-        terms = regularizer_terms(ddf, config.loss.max_displacement_vox)
+        terms = regularizer_terms(ddf, SYNTHETIC_SPACING_MM, config.loss.max_displacement_mm)
         sum(terms.values()).backward()
 
     reg_s = median_seconds(regularizers, repeats, device, 1)
@@ -349,7 +352,8 @@ def precision_dice_change(backbone: str, size: int, steps: int, precision: str,
     model.train()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        compute_loss(model(moving, fixed), fixed, config, 0, 1).total.backward()
+        compute_loss(model(moving, fixed), fixed, config, 0, 1,
+                     spacing_mm=SYNTHETIC_SPACING_MM).total.backward()
         optimizer.step()
     model.eval()
     result = {"dice_before": _dice_mean(moving_labels, fixed_labels, channels)}

@@ -67,6 +67,14 @@ class PairData:
         """(moving, fixed), each (B, C, D, H, W) float32 on the device."""
         return self.collate([self.sets[split][i] for i in indices])
 
+    def spacing_mm(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+        """(B, 3) float32 voxel sizes in mm of the fixed images of those pairs, on the device
+        (read from the cohort's cached volumes, without building the items)."""
+        pairs = self.sets[split].pairs
+        rows = [np.asarray(self.cohort.load(pairs[i][1]).spacing_mm, dtype=np.float32)
+                for i in indices]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
     def collate(self, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         moving = torch.stack([item["moving"] for item in items])
         fixed = torch.stack([item["fixed"] for item in items])

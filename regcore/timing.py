@@ -51,6 +51,7 @@ def time_network(checkpoint: str | Path, *, repeats: int = 5, device: str = "aut
     if not data.test_pairs:
         raise ValueError("the data split has no test pairs to time the network on")
     moving, fixed = data.batch("test", [0])
+    spacing_mm = data.spacing_mm("test", [0])
     model = build_model(config.model, data.in_channels, affine=config.affine).to(target)
     model.load_state_dict(state["model"])
     model.eval()
@@ -65,7 +66,8 @@ def time_network(checkpoint: str | Path, *, repeats: int = 5, device: str = "aut
 
     def step() -> None:
         output = trainee(moving, fixed)
-        loss = compute_loss(output, fixed, config, epochs - 1, epochs).total
+        loss = compute_loss(output, fixed, config, epochs - 1, epochs,
+                            spacing_mm=spacing_mm).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -248,8 +248,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     factor = float("nan")
     batches = epoch_order(len(run.data.train_pairs), config, run.order)
     for step, batch in enumerate(batches, start=1):
-        moving, fixed = run.data.batch("train", batch)
-        total, terms, weighted, factor = _train_step(run, moving, fixed, epoch, step)
+        total, terms, weighted, factor = _train_step(run, batch, epoch, step)
         total_sum += float(total.detach())
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -263,15 +262,17 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     return metrics
 
 
-def _train_step(run: _Run, moving: torch.Tensor, fixed: torch.Tensor, epoch: int, step: int):
-    """Forward, loss, divergence checks, backward and the optimiser step: (total, terms,
-    weighted terms, the adaptive regularizer factor)."""
+def _train_step(run: _Run, batch: list[int], epoch: int, step: int):
+    """Forward, loss, divergence checks, backward and the optimiser step on the training pairs
+    `batch`: (total, terms, weighted terms, the adaptive regularizer factor)."""
     from regcore.losses import compute_loss
 
     config = run.config
+    moving, fixed = run.data.batch("train", batch)
     with autocast(config.train.precision, run.device):
         output = run.model(moving, fixed)
-    breakdown = compute_loss(to_float32(output), fixed, config, epoch - 1, config.train.epochs)
+    breakdown = compute_loss(to_float32(output), fixed, config, epoch - 1, config.train.epochs,
+                             spacing_mm=run.data.spacing_mm("train", batch))
     terms = dict(breakdown.terms)
     weighted = dict(breakdown.weighted)
     total = breakdown.total
