@@ -13,6 +13,10 @@ sweep's state (`sweep.json`: what was asked, the parent MLflow run); `--resume` 
 Every mistake of the caller (unknown preset or variant, a negative weight, a missing data
 directory, an unreachable tracking server, conflicting flags, a cluster without the resources
 one trial asks for) is one line on stderr and exit code 2, before any run or file is created.
+Every outside resource is probed first, each within a few seconds: the Ray cluster of
+`--address` (sweeps/cluster.py: malformed, nothing listening, not answering as a Ray head
+within 20 s), the tracking store (sweeps/tracking.py: server /health, a sqlite file that is no
+MLflow database, a folder without write permission, a database port) and the data (every file).
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ from sweeps import tracking  # noqa: E402
 from sweeps.presets import PRESETS, get_preset  # noqa: E402
 from sweeps.study_files import DEFAULT_STUDY, load_study, shipped_studies  # noqa: E402
 
-__all__ = ["main", "SweepPlan", "build_plan", "parse_args"]
+__all__ = ["main", "SweepPlan", "build_plan", "parse_args", "ui_url"]
 
 PROG = "sweeps/ablation.py"
 STATE_FILE = "sweep.json"
 LATEST_FILE = "LATEST"
 PARTS = ("ablation", "search")
+PRIMARY_METRIC = "val.dice_mean"  # the live view's "best so far"
 
 
 # -- the plan: what a sweep runs, saved for --resume ------------------------------------------
@@ -140,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the report")
     p.add_argument("--no-timing", action="store_true",
                    help="skip the controlled timing of the trained networks after the trials")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only errors and the final summary (no live progress)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (status tables, trial output) on the terminal "
+                        "too; it always goes to <storage-path>/<sweep-id>/ray.log")
     return p
 
 
@@ -429,6 +439,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from sweeps.progress import ProgressCallback
     from sweeps.space import ablation_space, search_space, search_variants
     from sweeps.trainable import RunCloser, run_trial, trial_display_name
 
@@ -443,7 +454,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
             name=part, storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[RunCloser(ctx.experiment_id, ctx.sweep_id)],
+            callbacks=[RunCloser(ctx.experiment_id, ctx.sweep_id), ProgressCallback(part)],
             progress_reporter=_reporter(), verbose=1)
 
     results: dict[str, Any] = {}
@@ -541,16 +552,24 @@ def summary_table(rows: list[dict[str, Any]]):
 
 
 def _build_report(plan: SweepPlan, tracking_uri: str, out_dir: Path) -> Path:
-    """The report of the parent run, in-process (`python -m analysis.report` does the same)."""
+    """The report of the parent run, in-process (`python -m analysis.report` does the same),
+    then logged as the parent run's artifacts."""
     from analysis.report import build_report
 
-    return Path(build_report(tracking_uri=tracking_uri, parent_run_id=plan.parent_run_id,
+    path = Path(build_report(tracking_uri=tracking_uri, parent_run_id=plan.parent_run_id,
                              experiment=plan.experiment, out_dir=out_dir))
+    # the whole report folder (md, html, png figures, csv tables) as the parent run's
+    # artifacts under report/, so the MLflow UI shows it beside the runs
+    tracking.log_artifacts(tracking.client_for(tracking_uri), plan.parent_run_id,
+                           [(path.parent, "report")])
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet and --verbose conflict: pass one of them")
     cwd = Path.cwd()
     storage = Path(args.storage_path).expanduser()
     storage = (storage if storage.is_absolute() else cwd / storage).resolve()
@@ -570,11 +589,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"--resume to continue it, or another --sweep-id")
         raw_uri = tracking.resolve_tracking_uri(args.tracking_uri or
                                                 tracking.DEFAULT_TRACKING_URI, cwd)
+    # Every outside resource, each probed within a few seconds: the cluster, the store, data.
+    from sweeps.cluster import check_address
+
+    check_address(args.address)
     tracking.check_tracking_uri(raw_uri)
     if plan.overrides.get("data.data_dir") is not None:
         from regcore.data import check_data
 
-        check_data(plan.base_config().data)  # every file of the split, before Ray starts
+        import tempfile
+
+        # every file of the split, before Ray starts; a split it makes goes to a scratch
+        # folder, so a failed check leaves the data folder as it was
+        with tempfile.TemporaryDirectory(prefix="regablate-check-") as scratch:
+            check_data(plan.base_config().data, split_dir=scratch)
     report_dir = Path(args.report_dir) if args.report_dir else cwd / "reports" / plan.sweep_id
 
     # 2. Ray, and the resources one trial asks for.
@@ -583,6 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # between loses trial completions. A small sweep's state is tiny: snapshot often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # the terminal shows the sweep's own lines: Ray's output goes to ray.log as it comes
+    # (deduplicated lines would be flushed at ray.shutdown, after the summary), MLflow's
+    # INFO lines ("Creating initial MLflow database tables...") are not shown
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if args.address and "RAY_AUTH_MODE" not in os.environ and (
             Path.home() / ".ray" / "auth_token").exists():
         # A head started with ~/.ray/auth_token present enables token auth; a driver joining it
@@ -592,14 +625,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sweeps.cluster import check_resources, start_ray
 
-    start_ray(args.address, args.ray_num_cpus)
+    joined = start_ray(args.address, args.ray_num_cpus)
     try:
         slots = check_resources(plan.cpus_per_trial, plan.gpus_per_trial)
         if args.max_concurrent:
             slots = min(slots, args.max_concurrent)
-        return _run(plan, args, storage, raw_uri, report_dir, slots, started)
+        return _run(plan, args, storage, raw_uri, report_dir, slots, started, joined)
     finally:
         ray.shutdown()
+
+
+def _log_parent_dataset(plan: SweepPlan, raw_uri: str) -> None:
+    """The sweep's data as a dataset input of the parent run too (once): the runs table shows
+    the parent row collapsed over its trials, with its Dataset column filled."""
+    from regcore.data import dataset_identity
+
+    client = tracking.client_for(raw_uri)
+    if not client.get_run(plan.parent_run_id).inputs.dataset_inputs:
+        tracking.log_dataset(client, plan.parent_run_id,
+                             dataset_identity(plan.common_config().data))
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows the sweep's runs. MLflow 3.17's UI opens on its GenAI pages
+    unless the address asks for model training (`workflowType`; the experiment's
+    `mlflow.experimentKind` tag alone does not switch it)."""
+    base = (tracking.redact_uri(tracking_uri).rstrip("/")
+            if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def _trial_total(plan: SweepPlan) -> int:
+    """How many trials the sweep runs: the ablation grid and the search's samples."""
+    from sweeps.space import search_variants
+
+    search = plan.search_trials if search_variants(plan.study_spec, plan.variants) else 0
+    return len(plan.variants) * len(plan.seeds) + search
 
 
 def _write_study(plan: SweepPlan, sweep_dir: Path) -> Path:
@@ -614,11 +675,15 @@ def _write_study(plan: SweepPlan, sweep_dir: Path) -> Path:
 
 
 def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
-         report_dir: Path, slots: int, started: float) -> int:
+         report_dir: Path, slots: int, started: float, joined: str = "") -> int:
+    from sweeps.progress import Console
+
     # 3. Data, the MLflow store (created once, here), the parent run, the sweep's state.
-    _open_sweep(plan, storage, raw_uri, slots)
+    console = Console(quiet=args.quiet)
+    _open_sweep(plan, storage, raw_uri, slots, console)
     client = tracking.client_for(raw_uri)
-    results, tune_s = _tune(plan, storage / plan.sweep_id, raw_uri, slots, client)
+    results, tune_s = _tune(plan, storage / plan.sweep_id, raw_uri, slots, client, console,
+                            tee=args.verbose, joined=joined)
     rows = _trial_rows(results)
     outcome = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
     tracking.close_stale_children(client, plan.experiment_id, plan.sweep_id, outcome)
@@ -634,7 +699,7 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
     return _close_sweep(plan, args, client, raw_uri, report_dir, started)
 
 
-def _open_sweep(plan: SweepPlan, storage: Path, raw_uri: str, slots: int) -> None:
+def _open_sweep(plan: SweepPlan, storage: Path, raw_uri: str, slots: int, console) -> None:
     """The data, the experiment, the parent run (with study.json) and the sweep's state file."""
     from regcore.io import atomic_write_text
 
@@ -653,21 +718,24 @@ def _open_sweep(plan: SweepPlan, storage: Path, raw_uri: str, slots: int) -> Non
          **{k: v for k, v in plan.common_config().to_flat().items()
             if k not in ("variant", "seed")}},
         run_id=plan.parent_run_id)
+    _log_parent_dataset(plan, raw_uri)
     study_file = _write_study(plan, storage / plan.sweep_id)
     tracking.log_artifacts(tracking.client_for(raw_uri), plan.parent_run_id, [(study_file, None)])
     if not plan.created_utc:
         plan.created_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     atomic_write_text(sweep_dir / STATE_FILE, json.dumps(asdict(plan), indent=2))
     atomic_write_text(storage / LATEST_FILE, plan.sweep_id + "\n")
-    print(f"sweep {plan.sweep_id}: study {plan.study_spec.name}, preset {plan.preset}, "
-          f"{len(plan.variants)} cells x "
-          f"{len(plan.seeds)} seeds + {plan.search_trials} search trials, {slots} at a time; "
-          f"MLflow {plan.tracking_uri} experiment {plan.experiment} parent run "
-          f"{plan.parent_run_id}", flush=True)
+    ray_log = sweep_dir / "ray.log"
+    console.say(f"sweep {plan.sweep_id}: study {plan.study_spec.name}, preset {plan.preset}, "
+                f"{len(plan.variants)} cells x {len(plan.seeds)} seeds + {plan.search_trials} "
+                f"search trials, {slots} at a time; MLflow {plan.tracking_uri} experiment "
+                f"{plan.experiment} parent run {plan.parent_run_id}; Ray's output: {ray_log}")
 
 
-def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client):
+def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client, console, *,
+          tee: bool, joined: str):
     """(the Tuners' results, seconds of Tune time); the parent run is FAILED if they raise."""
+    from sweeps.progress import Progress, ProgressCallback, RayLog, View
     from sweeps.trainable import RunCloser, SweepContext
 
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
@@ -678,7 +746,19 @@ def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client):
     tune_started = time.perf_counter()
     status = "FAILED"
     try:
-        results = _run_tuners(plan, sweep_dir, ctx, slots)
+        # Ray's status tables, checkpoint messages and the trials' output go to ray.log; the
+        # terminal shows one live line (sweeps/progress.py)
+        with RayLog(sweep_dir / "ray.log", tee=tee, preamble=joined) as redirected:
+            console.stream = redirected.terminal
+            ProgressCallback.view = view = View(
+                Progress(_trial_total(plan), plan.epochs, metric=PRIMARY_METRIC,
+                         started=time.monotonic()), console)
+            try:
+                results = _run_tuners(plan, sweep_dir, ctx, slots)
+            finally:
+                view.finish()
+                ProgressCallback.view = None
+                console.stream = sys.stdout
         status = "FINISHED"
     finally:
         tune_s = time.perf_counter() - tune_started
@@ -752,6 +832,9 @@ def _close_sweep(plan: SweepPlan, args: argparse.Namespace, client, raw_uri: str
     print(f"sweep {plan.sweep_id} done in {wall_s:.1f} s; parent run {plan.parent_run_id}")
     if report_path is not None:
         print(f"report: {report_path}")
+    hint = ("" if raw_uri.startswith(("http://", "https://")) else
+            f" (after `mlflow ui --backend-store-uri {plan.tracking_uri}`)")
+    print(f"MLflow UI: {ui_url(raw_uri, plan.experiment_id)}{hint}")
     return code
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from ray import tune
 from sweeps import tracking
 from sweeps.space import GROUP_KEY
 
-__all__ = ["SweepContext", "run_trial", "split_trial_config", "run_name", "RunCloser"]
+__all__ = ["SweepContext", "run_trial", "split_trial_config", "run_name", "RunCloser",
+           "trial_params"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,13 @@ def _run_name_of(context, variant: str, seed: int, group: str, trial_id: str) ->
     return run_name(variant, seed, group, trial_id)
 
 
+def trial_params(cfg) -> dict[str, str]:
+    """The run's params: the config in force (`Config.in_force`): the factors and learning
+    rate written out, and 0 for every regularizer weight of a variant that applies none, so
+    the MLflow UI never shows a weight the network was not trained with."""
+    return tracking.flat_params(cfg.in_force().to_flat())
+
+
 def _bool(value: bool) -> str:
     return "true" if value else "false"
 
@@ -104,8 +112,11 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     run_id, _attempt = tracking.get_or_create_child(
         client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
         _run_name_of(context, cfg.variant, cfg.seed, group, trial_id),
-        _trial_tags(cfg, group, context, done, ctx),
-        tracking.flat_params(cfg.in_force().to_flat()), existing=done)
+        _trial_tags(cfg, group, context, done, ctx), trial_params(cfg), existing=done)
+    if done is None:  # a new run: its data as an MLflow dataset input (once per run)
+        from regcore.data import dataset_identity
+
+        tracking.log_dataset(client, run_id, dataset_identity(cfg.data))
 
     checkpoint = tune.get_checkpoint()
     started = time.perf_counter()
