@@ -139,8 +139,29 @@ def _drop_stale_checkpoints(root: Path, start_epoch: int) -> None:
     for directory in list_checkpoints(root):
         if int(directory.name.split("_")[-1]) >= start_epoch:
             warnings.warn(f"removing the stale checkpoint {directory} of an earlier run "
-                          f"(this run starts at epoch {start_epoch})", stacklevel=3)
+                          f"(this run starts at epoch {start_epoch})", stacklevel=4)
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class _Run:
+    """What one training run carries from step to step."""
+
+    config: Config
+    device: torch.device
+    data: Any  # evaluate.PairData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler on CUDA with precision amp, else None
+    order: torch.Generator  # the order of the training pairs
+    out_dir: Path
+    resumed: bool
+    start_epoch: int = 1
+    checkpoint_dir: Path | None = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
 
 
 def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.PathLike,
@@ -151,12 +172,28 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
     `out_dir/example.npz` and `out_dir/metrics.json`. `resume_from`: a checkpoint directory or
     its `state.pt`; training continues after its epoch.
     """
-    from regcore import evaluate
-    from regcore.losses import compute_loss
-    from regcore.networks import build_model
-
     if not isinstance(config, Config):
         raise TypeError(f"config is a {type(config).__name__}, expected regcore.config.Config")
+    run = _start(config, Path(out_dir), resume_from)
+    epochs = config.train.epochs
+    history: list[dict[str, float]] = []
+    metrics: dict[str, float] = {}
+    for epoch in range(run.start_epoch, epochs + 1):
+        metrics = _train_epoch(run, epoch)
+        ckpt_now = _checkpoint_if_due(run, epoch)
+        history.append(dict(metrics))
+        if epoch == epochs:
+            break  # the last report waits for the test metrics
+        if report is not None:
+            report(dict(metrics), str(ckpt_now) if ckpt_now is not None else None)
+    return _finish(run, metrics, history, report)
+
+
+def _start(config: Config, out_dir: Path, resume_from: str | os.PathLike | None) -> _Run:
+    """Device, seeds, data, model, optimiser; the checkpoint's state when resuming."""
+    from regcore import evaluate
+    from regcore.networks import build_model
+
     device = select_device(config)
     resume_state = None
     if resume_from is not None:
@@ -168,124 +205,158 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
     if not data.train_pairs:
         raise ValueError(f"the data split has no training pairs (data.n_test == "
                          f"{config.data.n_test}, data.n_val == {config.data.n_val})")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out_dir / "checkpoints"
     model = build_model(config.model, data.in_channels, affine=config.affine).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler("cuda") if config.train.precision == "amp" else None
     order = torch.Generator()
     order.manual_seed(config.seed)
-    start_epoch = 1
-    checkpoint_dir: Path | None = None
+    run = _Run(config=config, device=device, data=data, model=model, optimizer=optimizer,
+               scaler=scaler, order=order, out_dir=out_dir, resumed=resume_state is not None)
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        if resume_state.get("optimizer") is not None:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        if scaler is not None and resume_state.get("scaler") is not None:
-            scaler.load_state_dict(resume_state["scaler"])
-        if resume_state.get("rng") is not None:
-            restore_rng(resume_state["rng"], order)
-        start_epoch = int(resume_state["epoch"]) + 1
-        checkpoint_dir = Path(resume_from)
-        if checkpoint_dir.is_file():
-            checkpoint_dir = checkpoint_dir.parent
+        _restore(run, resume_state, Path(resume_from))
+    _drop_stale_checkpoints(run.ckpt_root, run.start_epoch)
+    return run
 
-    _drop_stale_checkpoints(ckpt_root, start_epoch)
-    epochs = config.train.epochs
-    history: list[dict[str, float]] = []
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, epochs + 1):
-        if config.train.fail_at_epoch == epoch and resume_state is None:
-            raise RuntimeError(f"train.fail_at_epoch == {epoch}: injected failure at the start of "
-                               f"epoch {epoch} (a run resumed from a checkpoint does not fail)")
-        started = time.perf_counter()
-        model.train()
-        sums: dict[str, float] = {}
-        weighted_sums: dict[str, float] = {}
-        total_sum = 0.0
-        factor = float("nan")
-        batches = epoch_order(len(data.train_pairs), config, order)
-        for step, batch in enumerate(batches, start=1):
-            moving, fixed = data.batch("train", batch)
-            with autocast(config.train.precision, device):
-                output = model(moving, fixed)
-            breakdown = compute_loss(to_float32(output), fixed, config, epoch - 1, epochs,
-                                     spacing_mm=data.spacing_mm("train", batch))
-            terms = dict(breakdown.terms)
-            weighted = dict(breakdown.weighted)
-            total = breakdown.total
-            if config.train.nan_at_epoch == epoch and step == 1:
-                name = next(iter(terms))
-                terms[name] = terms[name] * float("nan")
-                weighted[name] = weighted[name] * float("nan")
-                total = total + weighted[name]
-            if not torch.isfinite(total.detach()):
-                raise DivergenceError(_nonfinite_message(epoch, step, terms, total))
-            check_displacement(output.total_ddf_vox, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip
-                                                       if config.train.grad_clip > 0 else float("inf"))
-            if scaler is not None:
-                scaler.step(optimizer)  # skips the step itself when the scaled gradient overflowed
-                scaler.update()
-            else:
-                if not torch.isfinite(grad_norm):
-                    raise DivergenceError(f"gradient became non-finite at epoch {epoch}, step "
-                                          f"{step} (norm {float(grad_norm):g}); loss terms were finite")
-                optimizer.step()
-            total_sum += float(total.detach())
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            for name, value in weighted.items():
-                weighted_sums[name] = weighted_sums.get(name, 0.0) + float(value.detach())
-            factor = float(breakdown.factor)
 
-        n = len(batches)
-        metrics = {"epoch": float(epoch), "train.loss_total": total_sum / n}
-        for name, value in sums.items():
-            metrics[f"train.loss_{name}"] = value / n
-        # share of each weighted term in the sum of their magnitudes: well defined (in [0, 1],
-        # summing to 1) also when a term is negative, as local NCC is
-        magnitude = sum(abs(value) for value in weighted_sums.values())
-        for name, value in weighted_sums.items():
-            metrics[f"train.share_{name}"] = abs(value) / magnitude if magnitude else float("nan")
-        metrics["train.reg_factor"] = factor
-        metrics["train.lr"] = float(optimizer.param_groups[0]["lr"])
-        metrics["train.epoch_s"] = time.perf_counter() - started
-        metrics.update(evaluate.validate(model, data, config, device))
+def _restore(run: _Run, state: dict, resume_from: Path) -> None:
+    """Weights, optimiser, scaler and data-order RNG from a checkpoint; continue after its epoch."""
+    run.model.load_state_dict(state["model"])
+    if state.get("optimizer") is not None:
+        run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler") is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    if state.get("rng") is not None:
+        restore_rng(state["rng"], run.order)
+    run.start_epoch = int(state["epoch"]) + 1
+    run.checkpoint_dir = resume_from.parent if resume_from.is_file() else resume_from
 
-        last = epoch == epochs
-        ckpt_now = None
-        if last or epoch % config.train.checkpoint_every == 0:
-            ckpt_now = save_checkpoint(ckpt_root, epoch=epoch, model=model, optimizer=optimizer,
-                                       config=config, rng=capture_rng(order), scaler=scaler)
-            prune_checkpoints(ckpt_root, KEEP_CHECKPOINTS)
-            checkpoint_dir = ckpt_now
-        history.append(dict(metrics))
-        if last:
-            break  # the last report waits for the test metrics below
-        if report is not None:
-            report(dict(metrics), str(ckpt_now) if ckpt_now is not None else None)
 
+def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """One pass over the epoch's batches, then validation: the epoch's metrics."""
+    from regcore import evaluate
+
+    config = run.config
+    if config.train.fail_at_epoch == epoch and not run.resumed:
+        raise RuntimeError(f"train.fail_at_epoch == {epoch}: injected failure at the start of "
+                           f"epoch {epoch} (a run resumed from a checkpoint does not fail)")
+    started = time.perf_counter()
+    run.model.train()
+    sums: dict[str, float] = {}
+    weighted_sums: dict[str, float] = {}
+    total_sum = 0.0
+    factor = float("nan")
+    batches = epoch_order(len(run.data.train_pairs), config, run.order)
+    for step, batch in enumerate(batches, start=1):
+        total, terms, weighted, factor = _train_step(run, batch, epoch, step)
+        total_sum += float(total.detach())
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        for name, value in weighted.items():
+            weighted_sums[name] = weighted_sums.get(name, 0.0) + float(value.detach())
+    metrics = _loss_metrics(epoch, len(batches), total_sum, sums, weighted_sums)
+    metrics["train.reg_factor"] = factor
+    metrics["train.lr"] = float(run.optimizer.param_groups[0]["lr"])
+    metrics["train.epoch_s"] = time.perf_counter() - started
+    metrics.update(evaluate.validate(run.model, run.data, config, run.device))
+    return metrics
+
+
+def _train_step(run: _Run, batch: list[int], epoch: int, step: int):
+    """Forward, loss, divergence checks, backward and the optimiser step on the training pairs
+    `batch`: (total, terms, weighted terms, the adaptive regularizer factor)."""
+    from regcore.losses import compute_loss
+
+    config = run.config
+    moving, fixed = run.data.batch("train", batch)
+    with autocast(config.train.precision, run.device):
+        output = run.model(moving, fixed)
+    breakdown = compute_loss(to_float32(output), fixed, config, epoch - 1, config.train.epochs,
+                             spacing_mm=run.data.spacing_mm("train", batch))
+    terms = dict(breakdown.terms)
+    weighted = dict(breakdown.weighted)
+    total = breakdown.total
+    if config.train.nan_at_epoch == epoch and step == 1:
+        name = next(iter(terms))
+        terms[name] = terms[name] * float("nan")
+        weighted[name] = weighted[name] * float("nan")
+        total = total + weighted[name]
+    if not torch.isfinite(total.detach()):
+        raise DivergenceError(_nonfinite_message(epoch, step, terms, total))
+    check_displacement(output.total_ddf_vox, epoch, step)
+    _optimise(run, total, epoch, step)
+    return total, terms, weighted, float(breakdown.factor)
+
+
+def _optimise(run: _Run, total: torch.Tensor, epoch: int, step: int) -> None:
+    """Backward, gradient clipping and the optimiser step (through the scaler under amp)."""
+    optimizer, scaler = run.optimizer, run.scaler
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    clip = run.config.train.grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                               clip if clip > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step itself when the scaled gradient overflowed
+        scaler.update()
+    else:
+        if not torch.isfinite(grad_norm):
+            raise DivergenceError(f"gradient became non-finite at epoch {epoch}, step "
+                                  f"{step} (norm {float(grad_norm):g}); loss terms were finite")
+        optimizer.step()
+
+
+def _loss_metrics(epoch: int, n_steps: int, total_sum: float, sums: dict[str, float],
+                  weighted_sums: dict[str, float]) -> dict[str, float]:
+    """`epoch`, the epoch's mean loss terms and each weighted term's share."""
+    metrics = {"epoch": float(epoch), "train.loss_total": total_sum / n_steps}
+    for name, value in sums.items():
+        metrics[f"train.loss_{name}"] = value / n_steps
+    # share of each weighted term in the sum of their magnitudes: well defined (in [0, 1],
+    # summing to 1) also when a term is negative, as local NCC is
+    magnitude = sum(abs(value) for value in weighted_sums.values())
+    for name, value in weighted_sums.items():
+        metrics[f"train.share_{name}"] = abs(value) / magnitude if magnitude else float("nan")
+    return metrics
+
+
+def _checkpoint_if_due(run: _Run, epoch: int) -> Path | None:
+    """Save (and prune) a checkpoint on checkpoint epochs and the last one; its directory."""
+    config = run.config
+    if epoch != config.train.epochs and epoch % config.train.checkpoint_every != 0:
+        return None
+    saved = save_checkpoint(run.ckpt_root, epoch=epoch, model=run.model,
+                            optimizer=run.optimizer, config=config, rng=capture_rng(run.order),
+                            scaler=run.scaler)
+    prune_checkpoints(run.ckpt_root, KEEP_CHECKPOINTS)
+    run.checkpoint_dir = saved
+    return saved
+
+
+def _finish(run: _Run, metrics: dict[str, float], history: list[dict[str, float]],
+            report: ReportFn | None) -> TrainResult:
+    """The test evaluation, the last report, metrics.json; the `TrainResult`."""
+    from regcore import evaluate
+    from regcore.io import atomic_write_text
+
+    config = run.config
     if not metrics:  # resumed from the last epoch's checkpoint: nothing left to train
-        metrics = {"epoch": float(epochs)}
-    result = evaluate.evaluate_test(model, data, config, device, out_dir)
+        metrics = {"epoch": float(config.train.epochs)}
+    result = evaluate.evaluate_test(run.model, run.data, config, run.device, run.out_dir)
     metrics.update({f"test.{key}": value for key, value in result.means.items()})
+    checkpoint_dir = run.checkpoint_dir
     if report is not None:
         report(dict(metrics), str(checkpoint_dir) if checkpoint_dir is not None else None)
-    from regcore.io import atomic_write_text
-    atomic_write_text(out_dir / "metrics.json",
-                      json.dumps({"config": config.to_flat(), "device": str(device),
+    atomic_write_text(run.out_dir / "metrics.json",
+                      json.dumps({"config": config.to_flat(), "device": str(run.device),
                                   "metrics": metrics}, indent=2, default=float))
     return TrainResult(metrics=metrics, per_pair=result.table, per_pair_path=result.table_path,
                        checkpoint_dir=checkpoint_dir, example_path=result.example_path,
-                       history=history, device=str(device))
+                       history=history, device=str(run.device))
 
 
 # -- command -------------------------------------------------------------------------------

@@ -238,67 +238,10 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
     """Preset + command line -> a validated plan (raises ValueError/UsageError on bad input)."""
     preset = get_preset(preset_name)
     study = load_study(args.study, cwd)
-    variants = [c.name for c in study.cells]
-    if args.variants is not None:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        if not variants:
-            raise ValueError(f"--variants == {args.variants!r}, expected a comma-separated list")
-        for v in variants:
-            study.cell(v)
-        if len(set(variants)) != len(variants):
-            raise ValueError(f"--variants == {args.variants!r} repeats a variant")
-    seeds = list(study.seeds if preset.seeds is None else preset.seeds)
-    if args.seeds is not None and args.seed_list is not None:
-        raise UsageError("--seeds and --seed-list conflict: pass one of them")
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds == {args.seeds}, must be >= 1")
-        seeds = list(range(args.seeds))
-    if args.seed_list is not None:
-        seeds = _int_list(args.seed_list, "--seed-list")
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds == {seeds}, must be distinct integers >= 0")
-    search_trials = preset.search_trials if args.search_trials is None else args.search_trials
-    if search_trials < 0:
-        raise ValueError(f"--search-trials == {search_trials}, must be >= 0")
-    cpus = preset.cpus_per_trial if args.cpus_per_trial is None else args.cpus_per_trial
-    gpus = preset.gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
-    if not cpus > 0:
-        raise ValueError(f"--cpus-per-trial == {cpus:g}, must be > 0")
-    if gpus < 0:
-        raise ValueError(f"--gpus-per-trial == {gpus:g}, must be >= 0")
-    max_failures = preset.max_failures if args.max_failures is None else args.max_failures
-    if max_failures < 0:
-        raise ValueError(f"--max-failures == {max_failures}, must be >= 0")
-    if args.max_concurrent < 0:
-        raise ValueError(f"--max-concurrent == {args.max_concurrent}, must be >= 0")
-
-    overrides: dict[str, Any] = dict(preset.overrides)
-    if args.epochs is not None:
-        overrides["train.epochs"] = args.epochs
-    if args.shape is not None:
-        overrides["data.shape"] = _shape(args.shape)
-    if args.data_dir is not None:
-        overrides["data.data_dir"] = args.data_dir
-    overrides.update(_sets(args.set))
-    for key in ("variant", "seed"):
-        if key in overrides:
-            raise UsageError(f"--set {key}=... is not allowed: use --variants / --seeds")
-    _check_factor_keys(study, _sets(args.set))
-    # Trials run in their own working directories (and on other nodes): absolute paths only.
-    data_dir = overrides.get("data.data_dir")
-    if data_dir is not None:
-        data_path = Path(str(data_dir)).expanduser()
-        data_path = data_path if data_path.is_absolute() else cwd / data_path
-        if not data_path.exists():  # a Neurite OASIS folder, or the study's list of .npy files
-            raise FileNotFoundError(f"--data-dir {data_dir}: no such file or directory")
-        overrides["data.data_dir"] = str(data_path.resolve())
-    elif preset.requires_data_dir:
-        raise UsageError(f"--preset {preset.name} needs --data-dir (the Neurite OASIS directory)")
-    embedded = Path(str(overrides.get("data.embedded_dir", Config().data.embedded_dir)))
-    overrides["data.embedded_dir"] = str(embedded if embedded.is_absolute() else cwd / embedded)
-    overrides.setdefault("train.num_threads", max(1, int(round(cpus))))
-
+    variants = _plan_variants(args, study)
+    seeds = _plan_seeds(args, preset, study)
+    search_trials, cpus, gpus, max_failures = _plan_resources(args, preset)
+    overrides = _plan_overrides(args, preset, study, cwd, cpus)
     # Validate every trial's config now, not in a worker: unknown keys, negative weights, ...
     per_variant = _variant_overrides(args.set, variants, study)
     for v in variants:
@@ -316,6 +259,91 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
         search_mode=args.search_mode or "max", variant_overrides=per_variant,
         study=study.to_dict(),
     )
+
+
+def _plan_variants(args: argparse.Namespace, study: Study) -> list[str]:
+    """`--variants` (each a cell of the study, none repeated), else all the study's cells."""
+    variants = [c.name for c in study.cells]
+    if args.variants is not None:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not variants:
+            raise ValueError(f"--variants == {args.variants!r}, expected a comma-separated list")
+        for v in variants:
+            study.cell(v)
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"--variants == {args.variants!r} repeats a variant")
+    return variants
+
+
+def _plan_seeds(args: argparse.Namespace, preset, study: Study) -> list[int]:
+    """`--seeds N` or `--seed-list`, else the preset's, else the study's replicate seeds."""
+    seeds = list(study.seeds if preset.seeds is None else preset.seeds)
+    if args.seeds is not None and args.seed_list is not None:
+        raise UsageError("--seeds and --seed-list conflict: pass one of them")
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds == {args.seeds}, must be >= 1")
+        seeds = list(range(args.seeds))
+    if args.seed_list is not None:
+        seeds = _int_list(args.seed_list, "--seed-list")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds == {seeds}, must be distinct integers >= 0")
+    return seeds
+
+
+def _plan_resources(args: argparse.Namespace, preset) -> tuple[int, float, float, int]:
+    """(search trials, CPUs and GPUs per trial, retries), flags over the preset, checked."""
+    search_trials = preset.search_trials if args.search_trials is None else args.search_trials
+    if search_trials < 0:
+        raise ValueError(f"--search-trials == {search_trials}, must be >= 0")
+    cpus = preset.cpus_per_trial if args.cpus_per_trial is None else args.cpus_per_trial
+    gpus = preset.gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
+    if not cpus > 0:
+        raise ValueError(f"--cpus-per-trial == {cpus:g}, must be > 0")
+    if gpus < 0:
+        raise ValueError(f"--gpus-per-trial == {gpus:g}, must be >= 0")
+    max_failures = preset.max_failures if args.max_failures is None else args.max_failures
+    if max_failures < 0:
+        raise ValueError(f"--max-failures == {max_failures}, must be >= 0")
+    if args.max_concurrent < 0:
+        raise ValueError(f"--max-concurrent == {args.max_concurrent}, must be >= 0")
+    return search_trials, cpus, gpus, max_failures
+
+
+def _plan_overrides(args: argparse.Namespace, preset, study: Study, cwd: Path,
+                    cpus: float) -> dict[str, Any]:
+    """Every trial's dotted config overrides: the preset's, then the flags and `--set`."""
+    overrides: dict[str, Any] = dict(preset.overrides)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    if args.shape is not None:
+        overrides["data.shape"] = _shape(args.shape)
+    if args.data_dir is not None:
+        overrides["data.data_dir"] = args.data_dir
+    overrides.update(_sets(args.set))
+    for key in ("variant", "seed"):
+        if key in overrides:
+            raise UsageError(f"--set {key}=... is not allowed: use --variants / --seeds")
+    _check_factor_keys(study, _sets(args.set))
+    _absolute_data_paths(overrides, preset, cwd)
+    overrides.setdefault("train.num_threads", max(1, int(round(cpus))))
+    return overrides
+
+
+def _absolute_data_paths(overrides: dict[str, Any], preset, cwd: Path) -> None:
+    """Make `data.data_dir` (checked to exist) and `data.embedded_dir` absolute, in place:
+    trials run in their own working directories, and on other nodes."""
+    data_dir = overrides.get("data.data_dir")
+    if data_dir is not None:
+        data_path = Path(str(data_dir)).expanduser()
+        data_path = data_path if data_path.is_absolute() else cwd / data_path
+        if not data_path.exists():  # a Neurite OASIS folder, or the study's list of .npy files
+            raise FileNotFoundError(f"--data-dir {data_dir}: no such file or directory")
+        overrides["data.data_dir"] = str(data_path.resolve())
+    elif preset.requires_data_dir:
+        raise UsageError(f"--preset {preset.name} needs --data-dir (the Neurite OASIS directory)")
+    embedded = Path(str(overrides.get("data.embedded_dir", Config().data.embedded_dir)))
+    overrides["data.embedded_dir"] = str(embedded if embedded.is_absolute() else cwd / embedded)
 
 
 def _check_factor_keys(study: Study, sets: dict[str, Any]) -> None:
@@ -648,10 +676,33 @@ def _write_study(plan: SweepPlan, sweep_dir: Path) -> Path:
 
 def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
          report_dir: Path, slots: int, started: float, joined: str = "") -> int:
-    from regcore.io import atomic_write_text
-    from sweeps.trainable import RunCloser, SweepContext
+    from sweeps.progress import Console
 
     # 3. Data, the MLflow store (created once, here), the parent run, the sweep's state.
+    console = Console(quiet=args.quiet)
+    _open_sweep(plan, storage, raw_uri, slots, console)
+    client = tracking.client_for(raw_uri)
+    results, tune_s = _tune(plan, storage / plan.sweep_id, raw_uri, slots, client, console,
+                            tee=args.verbose, joined=joined)
+    rows = _trial_rows(results)
+    outcome = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
+    tracking.close_stale_children(client, plan.experiment_id, plan.sweep_id, outcome)
+    if not args.no_timing:
+        from sweeps.after_trials import safely, timing_step
+
+        resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
+        safely(lambda: timing_step(raw_uri, plan.experiment_id, plan.sweep_id, resources),
+               "timing step", PROG)
+    # 4. Summary, Ray's overhead, the report.
+    sweep_metrics = _print_summary(plan, rows, results, tune_s, slots)
+    tracking.log_metrics(client, plan.parent_run_id, sweep_metrics, step=0)
+    return _close_sweep(plan, args, client, raw_uri, report_dir, started)
+
+
+def _open_sweep(plan: SweepPlan, storage: Path, raw_uri: str, slots: int, console) -> None:
+    """The data, the experiment, the parent run (with study.json) and the sweep's state file."""
+    from regcore.io import atomic_write_text
+
     if plan.overrides.get("data.data_dir") is None:
         from regcore.data import ensure_embedded
 
@@ -674,27 +725,30 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
         plan.created_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     atomic_write_text(sweep_dir / STATE_FILE, json.dumps(asdict(plan), indent=2))
     atomic_write_text(storage / LATEST_FILE, plan.sweep_id + "\n")
-    from sweeps.progress import Console, Progress, ProgressCallback, RayLog, View
-
-    console = Console(quiet=args.quiet)
     ray_log = sweep_dir / "ray.log"
     console.say(f"sweep {plan.sweep_id}: study {plan.study_spec.name}, preset {plan.preset}, "
                 f"{len(plan.variants)} cells x {len(plan.seeds)} seeds + {plan.search_trials} "
                 f"search trials, {slots} at a time; MLflow {plan.tracking_uri} experiment "
                 f"{plan.experiment} parent run {plan.parent_run_id}; Ray's output: {ray_log}")
 
+
+def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client, console, *,
+          tee: bool, joined: str):
+    """(the Tuners' results, seconds of Tune time); the parent run is FAILED if they raise."""
+    from sweeps.progress import Progress, ProgressCallback, RayLog, View
+    from sweeps.trainable import RunCloser, SweepContext
+
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
                        parent_run_id=plan.parent_run_id, sweep_id=plan.sweep_id,
                        variant_overrides=plan.cell_overrides(),
                        factor_levels={v: plan.study_spec.level_names(v) for v in plan.variants})
     RunCloser.tracking_uri = raw_uri
-    client = tracking.client_for(raw_uri)
     tune_started = time.perf_counter()
     status = "FAILED"
     try:
         # Ray's status tables, checkpoint messages and the trials' output go to ray.log; the
         # terminal shows one live line (sweeps/progress.py)
-        with RayLog(ray_log, tee=args.verbose, preamble=joined) as redirected:
+        with RayLog(sweep_dir / "ray.log", tee=tee, preamble=joined) as redirected:
             console.stream = redirected.terminal
             ProgressCallback.view = view = View(
                 Progress(_trial_total(plan), plan.epochs, metric=PRIMARY_METRIC,
@@ -710,17 +764,13 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
         tune_s = time.perf_counter() - tune_started
         if status == "FAILED":
             client.set_terminated(plan.parent_run_id, status="FAILED")
-    rows = _trial_rows(results)
-    outcome = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
-    tracking.close_stale_children(client, plan.experiment_id, plan.sweep_id, outcome)
-    if not args.no_timing:
-        from sweeps.after_trials import safely, timing_step
+    return results, tune_s
 
-        resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
-        safely(lambda: timing_step(raw_uri, plan.experiment_id, plan.sweep_id, resources),
-               "timing step", PROG)
 
-    # 4. Summary, Ray's overhead, the report.
+def _print_summary(plan: SweepPlan, rows: list[dict], results, tune_s: float,
+                   slots: int) -> dict[str, float]:
+    """Print the summary table, Ray's overhead, the best search trial and the failures; the
+    sweep's own metrics."""
     import pandas as pd
 
     train_s = sum(float(r.get("trial.train_s", 0.0) or 0.0) for r in rows)
@@ -736,27 +786,39 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
           f"{slots} slot(s); the trials trained for {train_s:.1f} s in all: slots busy "
           f"{busy_pct:.1f} %, overhead {per_trial_overhead_s:.1f} s per trial (of which "
           f"{setup_s / max(len(rows), 1):.1f} s imports and MLflow set-up inside the trial)")
+    best = _best_search_line(plan, rows, results)
+    if best is not None:
+        print(best)
+    for r in failed:
+        print(f"FAILED {r['group']} {r['variant']}-s{r['seed']} ({r['trial_id']}): {r['error']}")
+    return {"sweep.trials": len(rows), "sweep.failed": len(failed), "sweep.tune_s": tune_s,
+            "sweep.trials_train_s": train_s, "sweep.trials_setup_s": setup_s,
+            "sweep.slots": slots, "sweep.busy_pct": busy_pct,
+            "sweep.overhead_per_trial_s": per_trial_overhead_s}
+
+
+def _best_search_line(plan: SweepPlan, rows: list[dict], results) -> str | None:
+    """'best weight-search trial (...): variant, weights', or None without a finished one."""
     searched = [r for r in rows if r["group"] == "search" and r["status"] == "FINISHED"
                 and isinstance(r.get(plan.search_metric), float)
                 and r[plan.search_metric] == r[plan.search_metric]]
-    if searched:
-        pick = max if plan.search_mode == "max" else min
-        best = pick(searched, key=lambda r: r[plan.search_metric])
-        config = next(g for g in results["search"] if not g.error and (g.config or {}).get(
-            "variant") == best["variant"] and g.metrics.get("trial_id") == best["trial_id"]).config
-        weights = ", ".join(f"{k.split('.')[1].removesuffix('_weight')} {config[k]:.3g}"
-                            for k in sorted(config) if k.startswith("loss.")
-                            and k.endswith("_weight") and k.split(".")[1].removesuffix("_weight")
-                            in REGULARIZERS)
-        print(f"best weight-search trial ({plan.search_metric} {best[plan.search_metric]:.4g}): "
-              f"{best['variant']}, {weights}")
-    for r in failed:
-        print(f"FAILED {r['group']} {r['variant']}-s{r['seed']} ({r['trial_id']}): {r['error']}")
-    tracking.log_metrics(client, plan.parent_run_id, {
-        "sweep.trials": len(rows), "sweep.failed": len(failed), "sweep.tune_s": tune_s,
-        "sweep.trials_train_s": train_s, "sweep.trials_setup_s": setup_s, "sweep.slots": slots, "sweep.busy_pct": busy_pct,
-        "sweep.overhead_per_trial_s": per_trial_overhead_s}, step=0)
+    if not searched:
+        return None
+    pick = max if plan.search_mode == "max" else min
+    best = pick(searched, key=lambda r: r[plan.search_metric])
+    config = next(g for g in results["search"] if not g.error and (g.config or {}).get(
+        "variant") == best["variant"] and g.metrics.get("trial_id") == best["trial_id"]).config
+    weights = ", ".join(f"{k.split('.')[1].removesuffix('_weight')} {config[k]:.3g}"
+                        for k in sorted(config) if k.startswith("loss.")
+                        and k.endswith("_weight") and k.split(".")[1].removesuffix("_weight")
+                        in REGULARIZERS)
+    return (f"best weight-search trial ({plan.search_metric} {best[plan.search_metric]:.4g}): "
+            f"{best['variant']}, {weights}")
 
+
+def _close_sweep(plan: SweepPlan, args: argparse.Namespace, client, raw_uri: str,
+                 report_dir: Path, started: float) -> int:
+    """The report (unless --no-report), the wall time, the parent run FINISHED; exit code."""
     report_path, code = None, 0
     if not args.no_report:
         try:
@@ -774,7 +836,6 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
             f" (after `mlflow ui --backend-store-uri {plan.tracking_uri}`)")
     print(f"MLflow UI: {ui_url(raw_uri, plan.experiment_id)}{hint}")
     return code
-
 
 if __name__ == "__main__":
     run_cli(main, prog=PROG)
