@@ -494,9 +494,6 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
                 run_config=run_config("search"))
 
         results["search"] = _fit("search", plan, sweep_dir, trainable, search_tuner)
-    elif plan.search_trials > 0:
-        print(f"{PROG}: none of {', '.join(plan.variants)} is a search cell of the study "
-              f"{study.name}: weight search skipped", file=sys.stderr)
     return results
 
 
@@ -736,6 +733,7 @@ def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client, co
           tee: bool, joined: str):
     """(the Tuners' results, seconds of Tune time); the parent run is FAILED if they raise."""
     from sweeps.progress import Progress, ProgressCallback, RayLog, View
+    from sweeps.space import search_variants
     from sweeps.trainable import RunCloser, SweepContext
 
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
@@ -743,6 +741,9 @@ def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client, co
                        variant_overrides=plan.cell_overrides(),
                        factor_levels={v: plan.study_spec.level_names(v) for v in plan.variants})
     RunCloser.tracking_uri = raw_uri
+    if plan.search_trials > 0 and not search_variants(plan.study_spec, plan.variants):
+        console.say(f"{PROG}: none of {', '.join(plan.variants)} is a search cell of the study "
+                    f"{plan.study_spec.name}: weight search skipped")
     tune_started = time.perf_counter()
     status = "FAILED"
     try:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ray import tune
+
 __all__ = ["Progress", "ProgressCallback", "RayLog", "Console", "View", "format_duration"]
 
 FINISHED, FAILED, RUNNING = "TERMINATED", "ERROR", "RUNNING"
@@ -193,18 +195,12 @@ class View:
             self.console.write_line(self.progress.line(now))
 
 
-def _callback_base():
-    from ray import tune
-
-    return tune.Callback
-
-
 def _run_name(trial) -> str:
     name, trial_id = str(trial), str(trial.trial_id)
     return name[: -len(trial_id) - 1] if name.endswith(f"_{trial_id}") else name
 
 
-class ProgressCallback(_callback_base()):
+class ProgressCallback(tune.Callback):
     """Tune callback that feeds the sweep's view. The view is a class attribute set by the
     driver (Tune pickles its callbacks into the experiment state; a terminal does not pickle),
     so a restored Tuner's copy reaches the same view."""
