@@ -49,6 +49,7 @@ __all__ = [
     "search_trials",
     "search_importance",
     "pareto_front",
+    "is_number",
 ]
 
 #: The effects of the study's 2x2 design, in report order.
@@ -429,7 +430,8 @@ def search_trials(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[(trials["group"] == "search") & (trials["status"] == "FINISHED")]
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float, not a bool (a searched parameter's value that reads as a number)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -444,7 +446,7 @@ def _searched_params(trials: pd.DataFrame) -> list[str]:
         if column == "cfg.variant":
             if values.nunique() > 1:
                 names.append(column)
-        elif values.map(_is_number).all() and values.astype(float).nunique() > 1:
+        elif values.map(is_number).all() and values.astype(float).nunique() > 1:
             names.append(column)
     return names
 

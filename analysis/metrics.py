@@ -49,14 +49,26 @@ _SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("dice_mean", +1, "", "Dice",
                "Dice overlap per foreground label (background excluded) between the fixed "
                "segmentation and the nearest-neighbour-warped moving segmentation, averaged "
-               "over labels."),
+               "over the labels present in the fixed map (a label that vanished from the "
+               "warped map scores 0; one absent from the fixed map is NaN, left out and "
+               "counted in labels_missing)."),
     *(_dice_label(label) for label in SEG4_LABELS.values()),
     MetricSpec("hd95_mm", -1, "mm", "HD95",
                "95th percentile of the symmetric surface distance between fixed and warped "
-               "labels, in mm, averaged over labels."),
+               "labels (surface voxels), in mm, averaged over labels; infinite when a label "
+               "vanished from the warped map or appeared in it."),
+    MetricSpec("labels_missing", -1, "", "Labels missing",
+               "Number of foreground labels present in only one of the fixed and warped maps "
+               "(a structure that vanished or appeared; its HD95 is infinite).",
+               family="secondary"),
     MetricSpec("folding_pct", -1, "%", "Folding",
                "Percentage of voxels where the Jacobian determinant of x + u(x) is <= 0 "
                "(central differences, u in voxels)."),
+    MetricSpec("ndv_pct", -1, "%", "NDV",
+               "Non-diffeomorphic volume (Liu et al. 2024, digital diffeomorphism): percentage "
+               "of the volume covered by inverted tetrahedra of the deformed voxel grid, the "
+               "mean of the two 5-tetrahedra splits of each cube; it sees folds that central "
+               "differences miss.", family="secondary"),
     MetricSpec("sdlogj", -1, "", "SDlogJ",
                "Standard deviation over voxels of the log Jacobian determinant (determinant "
                "clipped to a small positive value)."),
@@ -64,6 +76,25 @@ _SPECS: tuple[MetricSpec, ...] = (
                "Mean over the fixed image's brain mask of the distance in mm between the "
                "predicted and the known atlas-to-subject displacement (only where the data "
                "carries a ground-truth deformation)."),
+    MetricSpec("true_disp_mean_mm", 0, "mm", "True displacement",
+               "Mean length in mm of the known atlas-to-subject displacement over the fixed "
+               "brain mask (described, not judged: the size of the task).", family="secondary"),
+    MetricSpec("disp_mag_error_mm", -1, "mm", "Displacement length error",
+               "Mean over the fixed brain mask of |length of the predicted displacement - "
+               "length of the true one| in mm (a field shrunk or inflated by its regularizers "
+               "scores high).", family="secondary"),
+    MetricSpec("l2r_dice_mean", +1, "", "Dice (Learn2Reg)",
+               "Learn2Reg's Dice: per label, NaN where the fixed or the moving map lacks it; "
+               "nanmean over labels (regcore.metrics.l2r_scores).", family="secondary"),
+    MetricSpec("l2r_hd95_vox", -1, "vox", "HD95 (Learn2Reg)",
+               "Learn2Reg's HD95: area-weighted surface elements on the voxel-corner grid, "
+               "95th percentile by cumulative area, the larger direction, in voxels; infinite "
+               "where a label vanished from the warped map; nanmean over labels.",
+               family="secondary"),
+    MetricSpec("l2r_sdlogj", -1, "", "SDlogJ (Learn2Reg)",
+               "Learn2Reg's SDlogJ: std of log(clip(det J + 3)) over the volume cropped by 2 "
+               "voxels on every side (central differences); not comparable with SDlogJ.",
+               family="secondary"),
     MetricSpec("mse_improvement_pct", +1, "%", "MSE improvement",
                "Relative reduction by registration of the mean squared error over all voxels "
                "between moving and fixed images: 100 (MSE before - MSE after) / MSE before.",

@@ -25,12 +25,12 @@ from analysis import effects as fx
 from analysis.document import Doc
 from analysis.metrics import METRICS
 from analysis.runs import Sweep, load_sweep
-from regcore.cli import UsageError, run_cli
+from regcore.cli import ArgumentParser, run_cli
 from regcore.io import atomic_dir
+from regcore.uris import DEFAULT_TRACKING_URI
 
 __all__ = ["build_report", "analyse", "Analysis", "main", "SECTIONS", "TABLES"]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 #: The report's second-level headings, in order (the tests check them).
 SECTIONS = (
@@ -181,13 +181,8 @@ def _umask() -> int:
     return mask
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 through run_cli, not argparse's usage
-        raise UsageError(message)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--parent-run", metavar="ID", help="the sweep's parent run id")
     which.add_argument("--experiment", metavar="NAME",

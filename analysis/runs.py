@@ -30,7 +30,9 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,8 +281,13 @@ def _trial_row(run, study: Study) -> dict[str, Any]:
                      if run.info.end_time else pd.NaT),
     }
     row.update({f"cfg.{k}": v for k, v in _typed_params(run.data.params).items()})
-    row.update(run.data.metrics)
+    row.update({k: _unclamped(v) for k, v in run.data.metrics.items()})
     return row
+
+
+def _unclamped(value: float) -> float:
+    # MLflow's SQL store keeps +-inf (an HD95 whose structure vanished) as +-DBL_MAX
+    return math.copysign(math.inf, value) if abs(value) == sys.float_info.max else value
 
 
 def _deduplicate(trials: pd.DataFrame) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from analysis.metrics import KEY_METRICS, spec
 from analysis.runs import fetch_example
 from analysis.stats import ALPHA, CI_LEVEL, POWER
 from regcore.config import REGULARIZERS
+from regcore.uris import redact_uri
 
 __all__ = ["write_all"]
 
@@ -487,7 +488,7 @@ def _search_front(doc: Doc, a, figs: dict[str, Path], out: Path) -> None:
     params = [f"cfg.{p}" for p in a.importance["param"]] if not a.importance.empty else []
     doc.table(["run", metric, other, *(p.removeprefix("cfg.") for p in params)],
               [[r["run_name"], num(r[metric], 4), num(r[other], 3),
-                *(num(float(r[p]), 4) if fx._is_number(r[p]) else str(r[p]) for p in params)]
+                *(num(float(r[p]), 4) if fx.is_number(r[p]) else str(r[p]) for p in params)]
                for _, r in on.iterrows()])
     ablation = a.sweep.finished[a.sweep.finished["group"] == "ablation"]
     figs["search_front.png"] = figures.search_front(search, front, ablation,
@@ -589,15 +590,16 @@ def _definitions(doc: Doc, a) -> None:
                   f"{'higher' if s.direction > 0 else 'lower'} is better")
         items.append(f"{s.label} ({metric}{unit}; {better}; {s.family}): {s.definition}")
     doc.items(items)
+    doc.p("A structure that vanished from the warped map or appeared in it scores as the worst "
+          "case, never the best: its HD95 is infinite (ours and Learn2Reg's), so the pair's "
+          "mean over labels is infinite, every mean over pairs that includes it is infinite, "
+          "and an effect on that metric is reported as not estimable with the count of "
+          "infinite pair values; labels_missing counts such labels per pair. Dice leaves out "
+          "a label absent from the fixed map (NaN, as Learn2Reg) and scores one that vanished "
+          "from the warped map 0. docs/METRICS.md gives every definition beside Learn2Reg's.")
 
 
 # -- provenance and the example --------------------------------------------------------------
-
-
-def _redact(uri: str) -> str:
-    import re
-
-    return re.sub(r"//[^/@]*@", "//", uri)
 
 
 def compare_url(a) -> str | None:
@@ -608,7 +610,7 @@ def compare_url(a) -> str | None:
     runs = a.sweep.finished[a.sweep.finished["group"] == "ablation"]["run_id"].tolist()
     query = urllib.parse.urlencode({"runs": json.dumps(runs),
                                     "experiments": json.dumps([a.sweep.experiment_id])})
-    return f"{_redact(uri).rstrip('/')}/#/compare-runs?{query}"
+    return f"{redact_uri(uri).rstrip('/')}/#/compare-runs?{query}"
 
 
 def _regularization_line(ablation: pd.DataFrame) -> str:
@@ -638,7 +640,7 @@ def _provenance(doc: Doc, a) -> None:
     n_pairs = a.per_pair["pair_id"].nunique() if not a.per_pair.empty else 0
     doc.items([
         f"Experiment: {s.experiment_name} (id {s.experiment_id}); tracking store "
-        f"{_redact(s.tracking_uri)}.",
+        f"{redact_uri(s.tracking_uri)}.",
         f"Parent run: {s.parent_run_id}; sweep id {s.parent_tags.get('regablate.sweep_id', 'n/a')}"
         f"; preset {s.preset}.",
         f"Trials: {len(s.trials)} ({len(s.finished)} finished, {len(s.unfinished)} not); "

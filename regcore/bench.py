@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import dataclasses
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -40,8 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from regcore.cli import run_cli
-from regcore.config import Config, ModelConfig
-from regcore.networks import RegistrationModel, build_model, count_parameters
+from regcore.config import Config
+from regcore.networks import build_model, count_parameters
+from regcore.runtime import (autocast, configure_device, median_seconds, resolve_device,
+                             synchronize, to_float32)
 
 __all__ = ["BenchRow", "bench_backbone", "conv_flops", "matmul_gflops", "device_name", "main",
            "COLUMNS"]
@@ -51,6 +51,8 @@ COLUMNS = ("backbone", "size", "params_M", "GFLOP", "fwd_s", "GFLOP/s", "of_matm
            "train_s", "reg_share_pct", "peak_MB", "monai_fwd_s", "monai/ours")
 
 SMOKE_SIZES = (32,)
+#: the voxel size the synthetic pairs stand for (the regularizers' magnitude threshold is in mm)
+SYNTHETIC_SPACING_MM = (1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -91,25 +93,6 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {torch.get_num_threads()} threads"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_time(fn: Callable[[], object], device: torch.device, repeats: int,
-                 warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
-
-
 def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048,
                   repeats: int = 3) -> float:
     """This machine's measured matrix-product speed (best of `repeats`), GFLOP/s."""
@@ -118,10 +101,10 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: i
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n ** 3 / best / 1e9
 
@@ -210,18 +193,6 @@ def measure_peak_mb(fn: Callable[[], object], device: torch.device) -> tuple[flo
 
 
 # -- precision --------------------------------------------------------------------------------
-def precision_context(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "amp":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _float32_output(output):
-    return dataclasses.replace(output, warped=output.warped.float())
-
-
 def _cpu_has_fast_bf16() -> bool:
     with contextlib.suppress(AttributeError, RuntimeError):
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -294,10 +265,10 @@ def bench_backbone(backbone: str, size: int, *, device: torch.device, precision:
     model.eval()
 
     def infer():
-        with precision_context(precision, device):
+        with autocast(precision, device):
             return model.register(moving, fixed)
 
-    fwd_s = _median_time(infer, device, repeats, warmup)
+    fwd_s = median_seconds(infer, repeats, device, warmup)
 
     from regcore.losses import compute_loss
     from regcore.regularizers import regularizer_terms
@@ -307,9 +278,10 @@ def bench_backbone(backbone: str, size: int, *, device: torch.device, precision:
 
     def train_step():
         optimizer.zero_grad(set_to_none=True)
-        with precision_context(precision, device):
+        with autocast(precision, device):
             output = model(moving, fixed)
-        loss = compute_loss(_float32_output(output), fixed, config, 0, 1)
+        loss = compute_loss(to_float32(output), fixed, config, 0, 1,
+                            spacing_mm=SYNTHETIC_SPACING_MM)
         loss.total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
         optimizer.step()
@@ -317,17 +289,17 @@ def bench_backbone(backbone: str, size: int, *, device: torch.device, precision:
     # the first step is measured for memory (it allocates Adam's state, which then stays) and
     # serves as (part of) the warm-up
     peak_mb, memory_how = measure_peak_mb(train_step, device)
-    train_s = _median_time(train_step, device, repeats, max(warmup - 1, 0))
+    train_s = median_seconds(train_step, repeats, device, max(warmup - 1, 0))
 
     # the regularizers' cost inside a step: all five, forward and backward, on a field of the
     # step's size (the loss config's weights; the step above computes exactly these)
     ddf = (0.5 * torch.randn(1, 3, size, size, size, device=device)).requires_grad_()
 
     def regularizers():
-        terms = regularizer_terms(ddf, config.loss.max_displacement_vox)
+        terms = regularizer_terms(ddf, SYNTHETIC_SPACING_MM, config.loss.max_displacement_mm)
         sum(terms.values()).backward()
 
-    reg_s = _median_time(regularizers, device, repeats, 1)
+    reg_s = median_seconds(regularizers, repeats, device, 1)
 
     monai_s, note = None, ""
     if monai and backbone == "vxm":
@@ -339,10 +311,10 @@ def bench_backbone(backbone: str, size: int, *, device: torch.device, precision:
             peer.eval()
 
             def infer_monai():
-                with torch.inference_mode(), precision_context(precision, device):
+                with torch.inference_mode(), autocast(precision, device):
                     return peer(moving, fixed)
 
-            monai_s = _median_time(infer_monai, device, repeats, warmup)
+            monai_s = median_seconds(infer_monai, repeats, device, warmup)
     elif backbone != "vxm":
         note = "-"
     else:
@@ -380,12 +352,13 @@ def precision_dice_change(backbone: str, size: int, steps: int, precision: str,
     model.train()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        compute_loss(model(moving, fixed), fixed, config, 0, 1).total.backward()
+        compute_loss(model(moving, fixed), fixed, config, 0, 1,
+                     spacing_mm=SYNTHETIC_SPACING_MM).total.backward()
         optimizer.step()
     model.eval()
     result = {"dice_before": _dice_mean(moving_labels, fixed_labels, channels)}
     for name in ("fp32", precision):
-        with precision_context(name, device):
+        with autocast(name, device):
             output = model.register(moving, fixed)
         warped = warp(moving_labels, output.total_ddf_vox.float(), mode="nearest")
         result[f"dice_{name}"] = _dice_mean(warped, fixed_labels, channels)
@@ -452,8 +425,7 @@ def _check_args(args: argparse.Namespace) -> torch.device:
         raise ValueError(f"--dice-size {args.dice_size}: must be a multiple of 16 and >= 16")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA device is available")
-    device = torch.device("cuda" if args.device == "cuda" or (
-        args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(args.device)
     if args.precision is None:
         args.precision = "amp" if device.type == "cuda" else "fp32"
     if args.precision == "amp" and device.type != "cuda":
@@ -467,10 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.sizes, args.repeats, args.warmup, args.dice_steps = list(SMOKE_SIZES), 1, 0, 3
         args.dice_size = 32
     device = _check_args(args)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    else:
-        torch.backends.cudnn.benchmark = True
+    configure_device(device, args.threads)
     matmul = matmul_gflops(device)
     print(f"device: {device_name(device)}; torch {torch.__version__}; precision {args.precision}")
     print(f"load average before: {_load_average()}")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from regcore.config import Config
+from regcore.config import RETIRED_KEYS, Config
 from regcore.io import atomic_dir
 
 __all__ = [
@@ -143,7 +143,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def config_from_state(state: dict[str, Any]) -> Config:
-    return Config.from_flat(state["config"])
+    """The checkpoint's config; keys retired since it was written are dropped (they only
+    shaped the training loss)."""
+    return Config.from_flat({k: v for k, v in state["config"].items() if k not in RETIRED_KEYS})
 
 
 def check_compatible(state: dict[str, Any], config: Config, source: str | Path = "") -> None:

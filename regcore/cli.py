@@ -8,14 +8,23 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["UsageError", "run_cli", "one_line"]
+__all__ = ["UsageError", "ArgumentParser", "run_cli", "one_line"]
 
 
 class UsageError(Exception):
     """A bad command line or environment (conflicting flags, unreachable server, ...)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises `UsageError` on a bad command line (one line and exit 2 through
+    `run_cli`) instead of printing its usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
 
 
 CALLER_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError,

@@ -19,8 +19,6 @@ synchronisation before the clock stops; the device is named in the `device` colu
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from regcore.config import Config
+from regcore.runtime import infer, median_seconds
 
 __all__ = ["PairData", "validate", "evaluate_test", "TestResult", "timed_forward",
            "warp_labels", "score_pair", "refine_output"]
@@ -80,38 +79,31 @@ class PairData:
         """(moving, fixed), each (B, C, D, H, W) float32 on the device."""
         return self.collate([self.sets[split][i] for i in indices])
 
+    def spacing_mm(self, split: str, indices: Sequence[int]) -> torch.Tensor:
+        """(B, 3) float32 voxel sizes in mm of the fixed images of those pairs, on the device
+        (read from the cohort's cached volumes, without building the items)."""
+        pairs = self.sets[split].pairs
+        rows = [np.asarray(self.cohort.load(pairs[i][1]).spacing_mm, dtype=np.float32)
+                for i in indices]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
     def collate(self, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         moving = torch.stack([item["moving"] for item in items])
         fixed = torch.stack([item["fixed"] for item in items])
         return self.to_device(moving), self.to_device(fixed)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _forward(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
-             config: Config, device: torch.device) -> Any:
-    from regcore.train import _to_float32, autocast_context
-
-    with torch.inference_mode(), autocast_context(config, device):
-        return _to_float32(model(moving, fixed))
-
-
 def timed_forward(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor,
                   config: Config, device: torch.device, repeats: int) -> tuple[Any, float]:
     """The model's output and the median wall time in seconds of `repeats` forward passes
     (after the caller's warm-up), each ending with a device synchronisation."""
-    times = []
-    output = None
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        output = _forward(model, moving, fixed, config, device)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return output, float(statistics.median(times))
+    outputs = []
+
+    def forward() -> None:
+        outputs[:] = [infer(model, moving, fixed, config.train.precision, device)]
+
+    seconds = median_seconds(forward, repeats, device, warmup=0)
+    return outputs[0], seconds
 
 
 def warp_labels(seg: torch.Tensor, ddf_vox: torch.Tensor) -> torch.Tensor:
@@ -137,7 +129,7 @@ def validate(model: torch.nn.Module, data: PairData, config: Config,
     for index in range(n):
         item = data.item("val", index)
         moving, fixed = data.collate([item])
-        output = _forward(model, moving, fixed, config, device)
+        output = infer(model, moving, fixed, config.train.precision, device)
         ddf = output.total_ddf_vox.float()
         warped = warp_labels(item["moving_seg"][None].to(device), ddf)[0].cpu()
         dice.append(float(np.nanmean(list(dice_per_label(warped, item["fixed_seg"]).values()))))
@@ -175,12 +167,13 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
         item = data.item("test", index)
         moving_in, fixed_in = data.collate([item])
         if index == 0:  # one untimed pass: allocator, cudnn autotuning, lazy initialisation
-            _forward(model, moving_in, fixed_in, config, device)
+            infer(model, moving_in, fixed_in, config.train.precision, device)
         output, seconds = timed_forward(model, moving_in, fixed_in, config, device,
                                         config.train.eval_repeats)
         ddf = output.total_ddf_vox.float()  # (1, 3, D, H, W) voxels
         if refine:  # instance optimisation from the network's field; its time is the method's
-            ddf, refine_s = refine_output(output, moving_in, fixed_in, config)
+            ddf, refine_s = refine_output(output, moving_in, fixed_in, config,
+                                          item["spacing_mm"].double().tolist())
             seconds += refine_s
         row, extra = score_pair(data, "test", index, ddf, device)
         row["inference_s"] = seconds
@@ -202,7 +195,7 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
 
 
 def refine_output(output: Any, moving: torch.Tensor, fixed: torch.Tensor,
-                  config: Config) -> tuple[torch.Tensor, float]:
+                  config: Config, spacing_mm=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, float]:
     """(total field, seconds) of `config.model.refine_steps` steps of instance optimisation
     started from a network's output (its dense field or velocity; its affine kept fixed)."""
     from regcore.instance import optimise_pair
@@ -217,7 +210,8 @@ def refine_output(output: Any, moving: torch.Tensor, fixed: torch.Tensor,
     with torch.inference_mode(False), torch.enable_grad():
         result = optimise_pair(moving.clone(), fixed.clone(), config,
                                steps=config.model.refine_steps, init=start.float().clone(),
-                               theta=None if theta is None else theta.float().clone())
+                               theta=None if theta is None else theta.float().clone(),
+                               spacing_mm=spacing_mm)
     return result.total_ddf_vox, result.seconds
 
 

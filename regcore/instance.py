@@ -123,8 +123,8 @@ def _check_inputs(moving: torch.Tensor, fixed: torch.Tensor, steps: int, lr: flo
 def optimise_pair(moving: torch.Tensor, fixed: torch.Tensor, config: Config, *,
                   steps: int = DEFAULT_IO_STEPS, lr: float | None = None,
                   smooth_weight: float | None = None, levels: int = 1,
-                  init: torch.Tensor | None = None, theta: torch.Tensor | None = None
-                  ) -> InstanceResult:
+                  init: torch.Tensor | None = None, theta: torch.Tensor | None = None,
+                  spacing_mm=(1.0, 1.0, 1.0)) -> InstanceResult:
     """Optimise the field of one pair (or a batch of pairs, each its own field).
 
     Args:
@@ -139,6 +139,8 @@ def optimise_pair(moving: torch.Tensor, fixed: torch.Tensor, config: Config, *,
             None starts from zero.
         theta: (B, 3, 4) a fixed affine composed with the dense field (a network's affine
             stage), or None.
+        spacing_mm: the voxel size (D, H, W) of the full grid in mm, `(3,)` or `(B, 3)`: the
+            magnitude regularizer's threshold is in mm.
     """
     lr = config.model.refine_lr if lr is None else lr
     smooth_weight = config.model.refine_smooth_weight if smooth_weight is None else smooth_weight
@@ -172,6 +174,8 @@ def optimise_pair(moving: torch.Tensor, fixed: torch.Tensor, config: Config, *,
         f = _resize(fixed, level_shape)
         affine = None if theta is None else (
             _resize(affine_full, level_shape) * _field_scale(shape, level_shape, device))
+        level_spacing = torch.as_tensor(spacing_mm, dtype=torch.float32, device=device) * \
+            torch.tensor([(n - 1) / (m - 1) for n, m in zip(shape, level_shape)], device=device)
         optimizer = torch.optim.Adam([param], lr=lr)
         for _ in range(steps):
             dense = integrate_velocity(param, config.model.int_steps) if diffeomorphic else param
@@ -181,8 +185,8 @@ def optimise_pair(moving: torch.Tensor, fixed: torch.Tensor, config: Config, *,
                 loss = loss + smooth_weight * smoothness(dense)
             for name, weight in reg_weights.items():
                 fn = REGULARIZER_FNS[name]
-                term = (fn(dense, config.loss.max_displacement_vox) if name == "magnitude"
-                        else fn(dense))
+                term = (fn(dense, level_spacing, config.loss.max_displacement_mm)
+                        if name == "magnitude" else fn(dense))
                 loss = loss + weight * term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -167,8 +167,8 @@ class LossBreakdown:
     factor: float
 
 
-def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: int
-                 ) -> LossBreakdown:
+def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: int, *,
+                 spacing_mm) -> LossBreakdown:
     """Similarity of `output.warped` to `fixed` plus the variant's regularizers.
 
     Args:
@@ -179,6 +179,8 @@ def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: i
             intensity image for "intensity".
         cfg: the run's configuration (weights in `cfg.loss`, the factor `cfg.regularize`).
         epoch, epochs: for the adaptive factor (epoch from 0).
+        spacing_mm: the fixed images' voxel size along (D, H, W) in mm, `(3,)` or `(B, 3)`
+            (the magnitude regularizer's threshold is in mm, `cfg.loss.max_displacement_mm`).
 
     Similarity: seg4_onehot -> dice_weight x soft Dice + ce_weight x CE; intensity ->
     mse_weight x MSE + ncc_weight x local NCC (window `ncc_window`).
@@ -211,7 +213,7 @@ def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: i
     schedule = adaptive_factor(epoch, epochs)  # validates epoch and epochs for every variant
     if cfg.regularize:
         factor = schedule if loss_cfg.adaptive else 1.0
-        reg = regularizer_terms(ddf_vox, loss_cfg.max_displacement_vox)
+        reg = regularizer_terms(ddf_vox, spacing_mm, loss_cfg.max_displacement_mm)
         reg_weights = loss_cfg.reg_weights()
         terms.update(reg)
         scale = factor * loss_cfg.reg_scale
@@ -219,7 +221,8 @@ def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: i
     else:
         factor = 0.0
         with torch.no_grad():
-            reg = regularizer_terms(ddf_vox.detach(), loss_cfg.max_displacement_vox)
+            reg = regularizer_terms(ddf_vox.detach(), spacing_mm,
+                                    loss_cfg.max_displacement_mm)
         terms.update(reg)
         weighted.update({name: torch.zeros_like(value) for name, value in reg.items()})
 

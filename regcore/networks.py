@@ -14,19 +14,8 @@ Displacements are in voxels throughout (docs/ARCHITECTURE.md). The flow head and
 after it (integration, composition, warping) run in float32 even under autocast: a bf16
 displacement of 10 voxels would only be resolved to 1/16 voxel.
 
-Speed (CPU, issue 8) lives in a few named places:
-- `Conv3d`: always oneDNN's convolution kernel on the CPU (PyTorch's dispatcher would take a
-  ~10x slower im2col kernel for every conv at 32^3 and below).
-- `MEMORY_FORMAT`: activations are kept channels-last (NDHWC), oneDNN's native layout, so the
-  convolutions run without layout reorders; the input pair is written into a channels-last
-  buffer once (`concat_pair`).
-- `upsample_concat_conv`: "nearest x2 upsample, concatenate the skip, 3^3 conv" computed as
-  one coarse 2^3 conv per output parity plus the skip's conv: the same numbers with ~23 % fewer
-  FLOPs for the whole vxm network (312 -> 240 GFLOP at 128^3) and no upsampled tensor.
-- `ConvAct`: LeakyReLU applied in place on the convolution's output (no second full-size tensor).
-- `upsample_concat`: the nearest x2 upsampling writes straight into a preallocated concatenation
-  buffer, next to the skip tensor: no upsampled intermediate, no `torch.cat` copy.
-- `RegistrationModel.register`: inference under `torch.inference_mode`.
+The convolutions and concatenations go through `regcore.kernels`, which holds the CPU speed
+paths behind one switch (`kernels.use(False)` gives the plain PyTorch ops, same numbers).
 """
 
 from __future__ import annotations
@@ -38,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from regcore import kernels
 from regcore.config import ModelConfig
 from regcore.integrate import integrate_velocity
 from regcore.spatial import affine_to_ddf, compose_affine_ddf, warp
@@ -52,18 +42,12 @@ __all__ = [
     "build_model",
     "build_backbone",
     "default_channels",
-    "upsample_concat",
-    "upsample_concat_conv",
     "upsample_field",
     "demons_force",
-    "concat_pair",
     "count_parameters",
-    "MEMORY_FORMAT",
     "FLOW_INIT_STD",
 ]
 
-#: channels-last 3D (NDHWC): oneDNN's native activation layout on CPU (also good for cuDNN).
-MEMORY_FORMAT = torch.channels_last_3d
 #: standard deviation of the flow head's initial weights (VoxelMorph): a near-zero field.
 FLOW_INIT_STD = 1e-5
 
@@ -96,126 +80,14 @@ class RegistrationOutput:
 
 
 # -- building blocks ------------------------------------------------------------------------
-def concat_pair(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """`cat([moving, fixed], dim=1)` written straight into a channels-last buffer (one copy
-    of each input instead of a concatenation followed by a layout conversion)."""
-    c = moving.shape[1]
-    out = torch.empty((moving.shape[0], c + fixed.shape[1], *moving.shape[2:]),
-                      dtype=torch.promote_types(moving.dtype, fixed.dtype), device=moving.device,
-                      memory_format=MEMORY_FORMAT)
-    out[:, :c].copy_(moving)
-    out[:, c:].copy_(fixed)
-    return out
-
-
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-
-
-class _OneDNNConv3d(torch.autograd.Function):
-    """A stride-1 3D convolution whose forward AND backward run on oneDNN's kernels.
-
-    Autograd's backward of `mkldnn_convolution` goes through `convolution_backward`, which on a
-    batch-1 CPU volume falls back to the slow im2col kernel: ~15x the forward's time (16->16
-    channels at 32^3, one thread: forward 10 ms, backward 240 ms). Both gradients of a stride-1
-    convolution are convolutions themselves, so oneDNN computes them too (~25 ms):
-    - input: the correlation of the output gradient with the spatially flipped, in/out
-      transposed kernel, padded by k - 1 - p ("full" correlation);
-    - weight: the correlation of the input with the output gradient, with the channels taken as
-      the batch and the batch as the channels: out[ci, co, k] = sum_b sum_x x[b, ci, x + k] go[b, co, x].
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding):
-        ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        ctx.has_bias = bias is not None
-        return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), (1, 1, 1), 1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        pad = ctx.padding
-        kernel = weight.shape[2:]
-        grad_out = grad_out.contiguous(memory_format=MEMORY_FORMAT)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            flipped = weight.flip(2, 3, 4).transpose(0, 1).contiguous(memory_format=MEMORY_FORMAT)
-            full = tuple(k - 1 - p for k, p in zip(kernel, pad))
-            grad_x = torch.mkldnn_convolution(grad_out, flipped, None, full, (1, 1, 1),
-                                              (1, 1, 1), 1)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mkldnn_convolution(
-                x.transpose(0, 1).contiguous(), grad_out.transpose(0, 1).contiguous(), None,
-                pad, (1, 1, 1), (1, 1, 1), 1).transpose(0, 1)
-            grad_w = grad_w.contiguous(memory_format=torch.contiguous_format) \
-                if weight.is_contiguous() else grad_w.contiguous(memory_format=MEMORY_FORMAT)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum(dim=(0, 2, 3, 4))
-        return grad_x, grad_w, grad_b, None
-
-
-#: PyTorch's heuristic sends a batch-1 conv backward to the slow kernel when
-#: batch x channels x D x H is at most this; above it, autograd's own backward is as fast.
-_SLOW_BACKWARD_LIMIT = 20480
-
-
-def _onednn_conv3d(x, weight, bias, padding):
-    """oneDNN forward; oneDNN backward too where autograd's would take the slow kernel (small
-    volumes or few channels) and the full-correlation trick holds (stride 1, k > p)."""
-    small = min(x.shape[1], weight.shape[0]) * x.shape[0] * x.shape[2] * x.shape[3]
-    if small <= _SLOW_BACKWARD_LIMIT and all(
-            k - 1 - p >= 0 for k, p in zip(weight.shape[2:], padding)):
-        return _OneDNNConv3d.apply(x, weight, bias, tuple(padding))
-    return torch.mkldnn_convolution(x, weight, bias, padding, (1, 1, 1), (1, 1, 1), 1)
-
-
-#: Below this many voxels along any axis, a conv under CPU bf16 autocast runs in float32:
-#: PyTorch's bf16 oneDNN weight gradient of a channels-last 2^3 volume is intermittently
-#: non-finite (uninitialised memory), and volumes this small cost nothing in float32.
-_BF16_MIN_SIDE = 4
-
-
-def _tiny_under_cpu_bf16(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and min(x.shape[2:]) < _BF16_MIN_SIDE)
-
-
 class Conv3d(nn.Conv3d):
-    """`nn.Conv3d` that always takes oneDNN's kernel for float32 on the CPU.
-
-    PyTorch's dispatcher falls back to its im2col kernel (`slow_conv3d`) for batch 1 whenever
-    batch x channels x D x H <= 20480 (a heuristic tuned for 2D), i.e. for every 3D conv of the
-    U-Net at 32^3 and below; there oneDNN is ~8-10x faster on this machine (16->32 channels at
-    32^3: 0.10 s -> 0.01 s, one thread) and gives the same result to float rounding. Other
-    devices, dtypes and autocast take the ordinary path (bf16 goes to oneDNN where the CPU
-    supports it).
-    """
+    """`nn.Conv3d` computed by `kernels.conv3d` (oneDNN on the CPU while `kernels.enabled`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _tiny_under_cpu_bf16(x):
-            with torch.autocast("cpu", enabled=False):
-                return self.forward(x.float())
-        if self.padding_mode == "zeros" and _use_onednn(x, self.weight):
-            if self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) and self.groups == 1:
-                return _onednn_conv3d(x, self.weight, self.bias, self.padding)
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
-                                            self.dilation, self.groups)
-        return super().forward(x)
-
-
-def _conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            padding: int) -> torch.Tensor:
-    """Functional form of `Conv3d` (stride 1)."""
-    if _tiny_under_cpu_bf16(x):
-        with torch.autocast("cpu", enabled=False):
-            return _conv3d(x.float(), weight.float(), None if bias is None else bias.float(),
-                           padding)
-    if _use_onednn(x, weight):
-        return _onednn_conv3d(x, weight, bias, (padding,) * 3)
-    return F.conv3d(x, weight, bias, padding=padding)
+        if self.padding_mode != "zeros":
+            return super().forward(x)
+        return kernels.conv3d(x, self.weight, self.bias, self.stride, self.padding,
+                              self.dilation, self.groups)
 
 
 class ConvAct(nn.Module):
@@ -230,102 +102,10 @@ class ConvAct(nn.Module):
         # needs only its output (the sign is preserved for slope > 0)
         return F.leaky_relu_(self.conv(x), 0.2)
 
-
-def upsample_concat(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """`cat([nearest_upsample_x2(x), skip], dim=1)` written into one preallocated buffer.
-
-    x: (B, Cx, d, h, w); skip: (B, Cs, 2d, 2h, 2w) -> (B, Cx + Cs, 2d, 2h, 2w), channels-last.
-    The upsampled copy is a broadcast write into the buffer viewed as (B, Cx, d, 2, h, 2, w, 2),
-    so no upsampled intermediate exists and `torch.cat` never copies it a second time. Autograd
-    handles the slice writes (its backward sums the gradient over each 2x2x2 block, which is
-    exactly the adjoint of nearest upsampling).
-    """
-    b, cx, d, h, w = x.shape
-    if skip.shape[0] != b or tuple(skip.shape[2:]) != (2 * d, 2 * h, 2 * w):
-        raise ValueError(f"skip of shape {tuple(skip.shape)} does not match x of shape "
-                         f"{tuple(x.shape)} upsampled by 2")
-    dtype = torch.promote_types(x.dtype, skip.dtype)
-    out = torch.empty((b, cx + skip.shape[1], 2 * d, 2 * h, 2 * w), dtype=dtype, device=x.device,
-                      memory_format=MEMORY_FORMAT)
-    blocks = out[:, :cx].unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2))
-    blocks.copy_(x[:, :, :, None, :, None, :, None])
-    out[:, cx:].copy_(skip)
-    return out
-
-
-# For fine position X = 2i + p along one axis, the 3 taps k = 0, 1, 2 (offsets -1, 0, +1) of a
-# conv on the nearest-upsampled tensor read coarse voxels i - 1 + t of a 2-tap window t = 0, 1:
-# parity p = 0: k=0 -> t=0, k=1 -> t=1, k=2 -> t=1; parity p = 1: k=0 -> t=0, k=1 -> t=0,
-# k=2 -> t=1. _TAP_MAP[p, k, t] = 1 where tap k lands on window tap t.
-_TAP_MAP = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]],
-                         [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
-
-
-def upsample_concat_conv(x: torch.Tensor, skip: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
-    """`leaky_relu(conv(upsample_concat(x, skip)), 0.2)` without upsampling anything.
-
-    x: (B, Cx, d, h, w); skip: (B, Cs, 2d, 2h, 2w); conv: 3^3, padding 1, Cx + Cs -> O.
-    A 3^3 conv of a nearest-upsampled tensor is, for each of the 8 parities of the output
-    position, a 2^3 conv of the coarse tensor with summed taps (`_TAP_MAP`). All 8 run as ONE
-    coarse 2^3 conv with 8 x O outputs (8 x 8 instead of 27 x 8 multiply-adds per coarse voxel
-    and channel pair: 3.4x fewer for the upsampled channels); their outputs are added into the
-    parity positions of the skip channels' ordinary conv. Exact up to float rounding, with the
-    same parameters (and state dict) as the plain path; zero padding matches because the
-    upsampled tensor's padding is the coarse tensor's padding.
-    """
-    b, cx, d, h, w = x.shape
-    weight = conv.weight  # (O, Cx + Cs, 3, 3, 3)
-    out_channels = weight.shape[0]
-    taps = _TAP_MAP.to(device=weight.device, dtype=weight.dtype)
-    # (O, Cx, 3, 3, 3) -> (2, 2, 2, O, Cx, 2, 2, 2): parities (pd, ph, pw), window taps
-    coarse_weight = torch.einsum("pat,qbu,rcv,oiabc->pqroituv", taps, taps, taps,
-                                 weight[:, :cx]).reshape(8 * out_channels, cx, 2, 2, 2)
-    coarse = _conv3d(x, coarse_weight, None, padding=1)  # (B, 8 O, d + 1, h + 1, w + 1)
-    y = _conv3d(skip, weight[:, cx:], conv.bias, padding=1)  # (B, O, 2d, 2h, 2w)
-    return F.leaky_relu_(_AddParities.apply(y, coarse), 0.2)
-
-
-def _parity_views(fine: torch.Tensor, coarse: torch.Tensor):
-    """Pairs (fine positions of one parity, the coarse conv's outputs for them), 8 of them.
-
-    fine (B, O, 2d, 2h, 2w); coarse (B, 8 O, d + 1, h + 1, w + 1) with channel blocks in the
-    parity order (pd, ph, pw) of `_TAP_MAP`'s einsum; parity p reads window start i + p.
-    """
-    b, o, d2, h2, w2 = fine.shape
-    d, h, w = d2 // 2, h2 // 2, w2 // 2
-    blocks = fine.unflatten(2, (d, 2)).unflatten(4, (h, 2)).unflatten(6, (w, 2))
-    index = 0
-    for pd in (0, 1):
-        for ph in (0, 1):
-            for pw in (0, 1):
-                yield (blocks[:, :, :, pd, :, ph, :, pw],
-                       coarse[:, index * o:(index + 1) * o, pd:pd + d, ph:ph + h, pw:pw + w])
-                index += 1
-
-
-class _AddParities(torch.autograd.Function):
-    """fine[parity p] += coarse[block p, shifted by p], in place on `fine`.
-
-    A hand-written backward: autograd's own (8 in-place adds on strided views) would zero-fill
-    and copy a full coarse-sized gradient per parity, 8x the memory traffic; here the gradient
-    of the coarse tensor is gathered once.
-    """
-
-    @staticmethod
-    def forward(ctx, fine: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        ctx.mark_dirty(fine)
-        ctx.coarse_shape = coarse.shape
-        for fine_part, coarse_part in _parity_views(fine, coarse):
-            fine_part.add_(coarse_part)
-        return fine
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # the coarse positions no parity reads (its outer faces) get a zero gradient
-        grad_coarse = grad.new_zeros(ctx.coarse_shape).contiguous(memory_format=MEMORY_FORMAT)
-        for grad_part, coarse_part in _parity_views(grad, grad_coarse):
-            coarse_part.copy_(grad_part)
-        return grad, grad_coarse
+    def forward_upsampled(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """`self(cat([nearest_upsample_x2(x), skip], dim=1))`."""
+        return F.leaky_relu_(
+            kernels.upsample_concat_conv(x, skip, self.conv.weight, self.conv.bias), 0.2)
 
 
 class VxmUNet(nn.Module):
@@ -367,28 +147,21 @@ class VxmUNet(nn.Module):
             prev = width
         self.out_channels = prev
 
-        #: compute each "upsample, concatenate, conv" as `upsample_concat_conv` (same result,
-        #: ~30 % fewer FLOPs in the whole network); False = the plain three steps
-        self.fuse_upsample = True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for conv in self.encoder:
             x = conv(x)
             skips.append(x)
             x = F.max_pool3d(x, 2)
-        # each conv of the decoder but the first reads an upsampled-and-concatenated tensor
         x = self.up_convs[0](x)
-        after_upsample = [*self.up_convs[1:], *self.full_res]
-        upsamplings = self.levels - self.coarse_levels
-        for level, skip in enumerate(list(reversed(skips))[:upsamplings]):
-            if level < len(after_upsample) and self.fuse_upsample:
-                x = upsample_concat_conv(x, skip, after_upsample[level].conv)
-            else:
-                x = upsample_concat(x, skip)
-                if level < len(after_upsample):
-                    x = after_upsample[level](x)
-        for conv in after_upsample[upsamplings:]:
+        # the decoder's later convs in order: each of the first `levels` reads the upsampled
+        # features concatenated with a skip (with fewer convs, the last level is only upsampled);
+        # with `coarse_levels` the decoder stops that many upsamplings short
+        later = iter([*self.up_convs[1:], *self.full_res])
+        for skip in list(reversed(skips))[:self.levels - self.coarse_levels]:
+            conv = next(later, None)
+            x = kernels.upsample_concat(x, skip) if conv is None else conv.forward_upsampled(x, skip)
+        for conv in later:
             x = conv(x)
         return x
 
@@ -571,11 +344,11 @@ class RegistrationModel(nn.Module):
         self.check_inputs(moving, fixed)
         batch = moving.shape[0]
         shape = tuple(moving.shape[2:])
-        pair = concat_pair(moving, fixed)  # (B, 2C, D, H, W) channels-last
+        pair = kernels.concat_pair(moving, fixed)  # (B, 2C, D, H, W)
         if self.affine_head is not None:
             theta = self.affine_head(pair)
             moved = warp(moving, affine_to_ddf(theta, shape))
-            pair = concat_pair(moved, fixed)
+            pair = kernels.concat_pair(moved, fixed)
         else:
             theta = torch.eye(3, 4, device=moving.device, dtype=torch.float32).expand(batch, 3, 4)
         flow = self._flow(pair)  # (B, 3, d, h, w) float32, d = D / 2^flow_levels
@@ -590,7 +363,8 @@ class RegistrationModel(nn.Module):
             # the same U-Net again on the pair as registered so far; its residual field r is
             # applied first: dense'(x) = r(x) + dense(x + r(x)) (one field, one resampling; a
             # composition of diffeomorphisms when each r is integrated)
-            residual = self._field(self._flow(concat_pair(warp(moving, total), fixed)), shape)
+            moved = kernels.concat_pair(warp(moving, total), fixed)
+            residual = self._field(self._flow(moved), shape)
             dense = residual + warp(dense, residual)
             total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         warped = warp(moving, total)
@@ -614,7 +388,7 @@ class RegistrationModel(nn.Module):
             pair = torch.cat([pair, *demons_pyramid(pair[:, :self.in_channels],
                                                     pair[:, self.in_channels:],
                                                     self.demons_input)], dim=1
-                             ).contiguous(memory_format=MEMORY_FORMAT)
+                             ).contiguous(memory_format=kernels.MEMORY_FORMAT)
         return self.flow(self.backbone(pair))
 
     def register(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
@@ -715,7 +489,7 @@ def build_model(model_cfg: ModelConfig, in_channels: int, affine: bool) -> Regis
     model = RegistrationModel(backbone, in_channels, affine, model_cfg.diffeomorphic,
                               model_cfg.int_steps, model_cfg.backbone, demons_input=demons,
                               passes=model_cfg.passes, max_flow_vox=model_cfg.max_flow_vox)
-    return model.to(memory_format=MEMORY_FORMAT)
+    return model.to(memory_format=kernels.MEMORY_FORMAT)
 
 
 def count_parameters(model: nn.Module) -> int:

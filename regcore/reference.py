@@ -54,6 +54,7 @@ def reference_table(config: Config, *, io_steps: int | None = None, io_levels: i
         row, _ = score_pair(data, "test", index, zero, device)
         rows.append({"method": "identity", **row, "method_s": 0.0})
         result = optimise_pair(moving, fixed, config, steps=steps,
+                               spacing_mm=item["spacing_mm"].double().tolist(),
                                levels=DEFAULT_IO_LEVELS if io_levels is None else io_levels)
         row, _ = score_pair(data, "test", index, result.total_ddf_vox, device)
         rows.append({"method": "instance_optimisation", **row, "method_s": result.seconds})

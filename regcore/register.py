@@ -58,22 +58,18 @@ import numpy as np
 import torch
 
 from regcore.checkpoint import config_from_state, load_checkpoint
-from regcore.config import Config, replace_section
+from regcore.cli import ArgumentParser
+from regcore.config import Config
 from regcore.instance import DEFAULT_IO_LEVELS, DEFAULT_IO_STEPS
+from regcore.runtime import infer, resolve_device
 
 __all__ = ["main", "register_arrays", "load_model"]
 
 NIFTI_INTENT_VECTOR = 1007
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        from regcore.cli import UsageError
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m regcore.register",
         description=__doc__.split("\n\n", 2)[0] + "\n\n" + __doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,11 +137,10 @@ def load_model(checkpoint: str | Path, device: torch.device):
 
 
 def register_arrays(model: torch.nn.Module, config, moving: np.ndarray, fixed: np.ndarray,
-                    device: torch.device) -> np.ndarray:
+                    device: torch.device, spacing_mm=(1.0, 1.0, 1.0)) -> np.ndarray:
     """(3, D, H, W) float32 displacement in voxels of the input grid for (D, H, W) inputs
     (label maps or [0, 1] intensities, as the model's modality wants)."""
     from regcore.data.volume import one_hot, resample_array
-    from regcore.evaluate import _forward
 
     shape = tuple(moving.shape)
     train_shape = tuple(config.data.shape)
@@ -156,16 +151,18 @@ def register_arrays(model: torch.nn.Module, config, moving: np.ndarray, fixed: n
         channels = one_hot(small) if labels else small[None].astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(channels))[None].to(device)
 
-    run_config = replace_section(config, "train", device=device.type,
-                                 precision="fp32" if config.train.precision == "amp"
-                                 and device.type != "cuda" else config.train.precision)
+    # float16 autocast exists on CUDA only: an amp-trained model runs in fp32 elsewhere
+    precision = ("fp32" if config.train.precision == "amp" and device.type != "cuda"
+                 else config.train.precision)
     moving_in, fixed_in = prepare(moving), prepare(fixed)
-    output = _forward(model, moving_in, fixed_in, run_config, device)
+    output = infer(model, moving_in, fixed_in, precision, device)
     ddf = output.total_ddf_vox
     if config.model.refine_steps:  # instance optimisation from the network's field
         from regcore.evaluate import refine_output
 
-        ddf, _ = refine_output(output, moving_in, fixed_in, config)
+        # the voxel size of the training grid the refinement runs on (same extent)
+        grid_mm = [float(sp) * (n - 1) / (m - 1) for sp, n, m in zip(spacing_mm, shape, train_shape)]
+        ddf, _ = refine_output(output, moving_in, fixed_in, config, grid_mm)
     ddf_small = ddf[0].float().cpu().numpy()  # (3, d, h, w) voxels of train grid
     if shape == train_shape:
         return ddf_small.astype(np.float32)
@@ -228,7 +225,7 @@ def _check_intensity(data: np.ndarray, what: str, path: str) -> None:
 
 
 def optimise_arrays(config, moving: np.ndarray, fixed: np.ndarray, device: torch.device,
-                    steps: int, levels: int) -> np.ndarray:
+                    steps: int, levels: int, spacing_mm=(1.0, 1.0, 1.0)) -> np.ndarray:
     """(3, D, H, W) float32 displacement in voxels found by instance optimisation of the pair
     itself (label maps one-hot encoded, intensities as given in [0, 1])."""
     from regcore.data.volume import one_hot
@@ -240,7 +237,8 @@ def optimise_arrays(config, moving: np.ndarray, fixed: np.ndarray, device: torch
         channels = one_hot(array) if labels else array[None].astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(channels))[None].to(device)
 
-    result = optimise_pair(prepare(moving), prepare(fixed), config, steps=steps, levels=levels)
+    result = optimise_pair(prepare(moving), prepare(fixed), config, steps=steps, levels=levels,
+                           spacing_mm=spacing_mm)
     return result.total_ddf_vox[0].cpu().numpy().astype(np.float32)
 
 
@@ -265,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out-dir {args.out_dir!r} exists and is not a directory")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     if args.method == "network":
         model, config = load_model(args.checkpoint, device)
         if args.refine_steps:
@@ -302,11 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fixed = normalise_intensity(fixed.astype(np.float32))
 
     # all input checked: compute, then write
+    fixed_mm = spacing_from_affine(np.asarray(fixed_img.affine, dtype=np.float64)).tolist()
     if model is None:
         ddf_vox = optimise_arrays(config, moving, fixed, device, args.io_steps or
-                                  DEFAULT_IO_STEPS, args.io_levels)
+                                  DEFAULT_IO_STEPS, args.io_levels, fixed_mm)
     else:
-        ddf_vox = register_arrays(model, config, moving, fixed, device)  # (3, D, H, W)
+        ddf_vox = register_arrays(model, config, moving, fixed, device, fixed_mm)  # (3, D, H, W)
     ddf_t = torch.from_numpy(ddf_vox)[None].to(device)
     with torch.inference_mode():
         if labels:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from regcore.config import REGULARIZERS
+from regcore.config import DEFAULT_MAX_DISPLACEMENT_MM, REGULARIZERS
 from regcore.spatial import check_ddf, jacobian_det
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "REGULARIZER_FNS",
     "regularizer_terms",
     "JACOBIAN_MARGIN",
+    "DEFAULT_MAX_DISPLACEMENT_MM",
 ]
 
 #: det J below this margin is penalised by the fold hinge (and the log term is clamped there).
@@ -58,37 +59,58 @@ def smoothness(ddf_vox: torch.Tensor) -> torch.Tensor:
             + (u[:, :, :, :, 1:] - u[:, :, :, :, :-1]).pow(2).mean())
 
 
-def magnitude(ddf_vox: torch.Tensor, max_displacement_vox: float = 10.0) -> torch.Tensor:
-    """Squared hinge on the displacement length above a threshold, in voxels.
+def _spacing_tensor(spacing_mm, like: torch.Tensor) -> torch.Tensor:
+    """`spacing_mm` ((3,) or (B, 3), mm along D, H, W) as a `(B or 1, 3, 1, 1, 1)` tensor."""
+    s = torch.as_tensor(spacing_mm, dtype=like.dtype, device=like.device)
+    if s.ndim == 1:
+        s = s[None]
+    if s.ndim != 2 or s.shape[1] != 3 or s.shape[0] not in (1, like.shape[0]):
+        raise ValueError(f"expected spacing_mm of shape (3,) or ({like.shape[0]}, 3), got "
+                         f"{tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"spacing_mm == {s.tolist()}, must be positive finite numbers (mm)")
+    return s.reshape(s.shape[0], 3, 1, 1, 1)
 
-    magnitude = mean_{b, x} relu(|u(x)| - max_displacement_vox)^2, |u| the Euclidean norm over
-    the 3 channels. Zero (with zero gradient) while every voxel moves less than the threshold.
+
+def magnitude(ddf_vox: torch.Tensor, spacing_mm,
+              max_displacement_mm: float = DEFAULT_MAX_DISPLACEMENT_MM) -> torch.Tensor:
+    """Squared hinge on the displacement length above a threshold in mm, relative to it.
+
+    magnitude = mean_{b, x} relu(|u(x)|_mm / max_displacement_mm - 1)^2, |u|_mm the Euclidean
+    norm of the 3 channels each scaled by its axis' spacing. Zero (with zero gradient) while
+    every voxel moves less than the threshold; the same for a field resampled to another grid,
+    and unit-free (1 where a voxel moves twice the threshold).
+
+    Args:
+        spacing_mm: voxel size along (D, H, W) in mm, `(3,)` or one row per batch item `(B, 3)`.
     """
     u = _checked(ddf_vox, 1)
-    if (isinstance(max_displacement_vox, bool) or not isinstance(max_displacement_vox, (int, float))
-            or not math.isfinite(max_displacement_vox) or max_displacement_vox < 0):
-        raise ValueError(f"max_displacement_vox == {max_displacement_vox!r}, must be a finite "
-                         "number >= 0")
+    if (isinstance(max_displacement_mm, bool) or not isinstance(max_displacement_mm, (int, float))
+            or not math.isfinite(max_displacement_mm) or max_displacement_mm <= 0):
+        raise ValueError(f"max_displacement_mm == {max_displacement_mm!r}, must be a finite "
+                         "number > 0")
+    u_mm = u * _spacing_tensor(spacing_mm, u)
     # clamp before sqrt: the gradient of sqrt at 0 is infinite (and 0 * inf = NaN)
-    norm_vox = u.pow(2).sum(dim=1).clamp_min(1e-12).sqrt()
-    return F.relu(norm_vox - max_displacement_vox).pow(2).mean()
+    norm_mm = u_mm.pow(2).sum(dim=1).clamp_min(1e-12).sqrt()
+    return F.relu(norm_mm / max_displacement_mm - 1.0).pow(2).mean()
 
 
 def rigidity(ddf_vox: torch.Tensor) -> torch.Tensor:
     """Local rigidity: squared deviation of the field from its 3x3x3 local mean.
 
-    rigidity = mean_{b, c, x} (u_c(x) - mean_{|y - x|_inf <= 1} u_c(y))^2, with the volume
-    edge replicated for the neighbourhood mean. A locally constant or linear field (inside)
-    scores 0: this penalises local non-affinity, not displacement.
+    rigidity = mean_{b, c, x inside} (u_c(x) - mean_{|y - x|_inf <= 1} u_c(y))^2, over the
+    voxels whose whole neighbourhood lies in the volume (each axis cropped by 1; no padding,
+    which would make an affine field non-affine at the edge). The 27-point mean of an affine
+    function is its centre value, so any affine field scores exactly 0, edges included: this
+    penalises local non-affinity, not displacement. Every spatial size must be >= 3.
     """
-    u = _checked(ddf_vox, 1)
-    # separable 3-tap box sums on the replicate-padded field (3 x 2 additions per voxel; much
+    u = _checked(ddf_vox, 3)
+    # separable 3-tap box sums over the valid neighbourhoods (3 x 2 additions per voxel; much
     # cheaper than avg_pool3d's backward on CPU)
-    p = F.pad(u, (1, 1, 1, 1, 1, 1), mode="replicate")
-    p = p[:, :, :-2] + p[:, :, 1:-1] + p[:, :, 2:]
+    p = u[:, :, :-2] + u[:, :, 1:-1] + u[:, :, 2:]
     p = p[:, :, :, :-2] + p[:, :, :, 1:-1] + p[:, :, :, 2:]
     p = p[:, :, :, :, :-2] + p[:, :, :, :, 1:-1] + p[:, :, :, :, 2:]
-    return (u - p / 27.0).pow(2).mean()
+    return (u[:, :, 1:-1, 1:-1, 1:-1] - p / 27.0).pow(2).mean()
 
 
 def jacobian_penalty(ddf_vox: torch.Tensor, margin: float = JACOBIAN_MARGIN) -> torch.Tensor:
@@ -138,8 +160,8 @@ def bending_energy(ddf_vox: torch.Tensor) -> torch.Tensor:
     return energy.mean()
 
 
-#: `config.REGULARIZERS` name -> function of ddf_vox (magnitude with its default threshold;
-#: `regularizer_terms` passes the configured one).
+#: `config.REGULARIZERS` name -> function of ddf_vox (magnitude also takes the spacing and its
+#: threshold; `regularizer_terms` passes them).
 REGULARIZER_FNS: dict[str, Callable[..., torch.Tensor]] = {
     "smooth": smoothness,
     "magnitude": magnitude,
@@ -150,10 +172,14 @@ REGULARIZER_FNS: dict[str, Callable[..., torch.Tensor]] = {
 assert tuple(REGULARIZER_FNS) == REGULARIZERS  # internal invariant: one list of names
 
 
-def regularizer_terms(ddf_vox: torch.Tensor, max_displacement_vox: float = 10.0
+def regularizer_terms(ddf_vox: torch.Tensor, spacing_mm,
+                      max_displacement_mm: float = DEFAULT_MAX_DISPLACEMENT_MM
                       ) -> dict[str, torch.Tensor]:
-    """All five regularizers of `ddf_vox`, unweighted, by name in `REGULARIZERS` order."""
+    """All five regularizers of `ddf_vox`, unweighted, by name in `REGULARIZERS` order.
+
+    `spacing_mm` ((3,) or (B, 3), mm) and `max_displacement_mm` are the magnitude term's."""
     terms = {}
     for name, fn in REGULARIZER_FNS.items():
-        terms[name] = fn(ddf_vox, max_displacement_vox) if name == "magnitude" else fn(ddf_vox)
+        terms[name] = (fn(ddf_vox, spacing_mm, max_displacement_mm) if name == "magnitude"
+                       else fn(ddf_vox))
     return terms

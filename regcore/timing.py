@@ -16,42 +16,18 @@ Knows nothing of Ray or MLflow; the sweep's driver logs the result as `timing.<n
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from regcore.checkpoint import config_from_state, load_checkpoint
 from regcore.config import Config
+from regcore.runtime import median_seconds, resolve_device
 
 __all__ = ["time_network", "TIMING_METRICS", "median_seconds"]
 
 #: the metric names `time_network` returns (the sweep logs them as `timing.<name>`)
 TIMING_METRICS = ("inference_s", "train_step_s")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device,
-                   warmup: int = 1) -> float:
-    """Median wall time of `repeats` calls of `fn` after `warmup` untimed calls."""
-    if repeats < 1:
-        raise ValueError(f"repeats == {repeats!r}, must be >= 1")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return float(statistics.median(times))
 
 
 def time_network(checkpoint: str | Path, *, repeats: int = 5, device: str = "auto",
@@ -68,14 +44,14 @@ def time_network(checkpoint: str | Path, *, repeats: int = 5, device: str = "aut
 
     state = load_checkpoint(checkpoint)
     config = config or config_from_state(state)
-    target = torch.device("cuda" if device == "cuda" or (device == "auto"
-                                                        and torch.cuda.is_available()) else "cpu")
+    target = resolve_device(device)
     if target.type == "cpu":
         torch.set_num_threads(max(1, int(num_threads)))
     data = PairData.from_config(config, target)
     if not data.test_pairs:
         raise ValueError("the data split has no test pairs to time the network on")
     moving, fixed = data.batch("test", [0])
+    spacing_mm = data.spacing_mm("test", [0])
     model = build_model(config.model, data.in_channels, affine=config.affine).to(target)
     model.load_state_dict(state["model"])
     model.eval()
@@ -90,7 +66,8 @@ def time_network(checkpoint: str | Path, *, repeats: int = 5, device: str = "aut
 
     def step() -> None:
         output = trainee(moving, fixed)
-        loss = compute_loss(output, fixed, config, epochs - 1, epochs).total
+        loss = compute_loss(output, fixed, config, epochs - 1, epochs,
+                            spacing_mm=spacing_mm).total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -36,12 +36,9 @@ Command: `python -m regcore.train --variant combined_enhanced [--data-dir D] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -50,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from regcore.checkpoint import (
@@ -62,10 +58,12 @@ from regcore.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from regcore.cli import ArgumentParser
 from regcore.config import Config, parse_value
+from regcore.runtime import autocast, configure_device, seed_everything, select_device, to_float32
 
-__all__ = ["train", "TrainResult", "DivergenceError", "check_displacement", "select_device",
-           "seed_everything", "build_config", "main"]
+__all__ = ["train", "TrainResult", "DivergenceError", "check_displacement", "build_config",
+           "main"]
 
 ReportFn = Callable[[dict[str, float], "str | None"], None]
 
@@ -105,57 +103,6 @@ class TrainResult:
     example_path: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
     device: str = "cpu"
-
-
-# -- set-up --------------------------------------------------------------------------------
-def select_device(config: Config) -> torch.device:
-    """`train.device`: auto = CUDA when present, else CPU. Checks precision against the device."""
-    wanted = config.train.device
-    if wanted == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device == 'cuda', but no CUDA device is available; use auto or cpu")
-    device = torch.device("cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if config.train.precision == "amp" and device.type != "cuda":
-        raise ValueError(f"train.precision == 'amp' needs a CUDA device, the device is "
-                         f"{device.type}; use bf16 or fp32 on a CPU")
-    return device
-
-
-def configure_device(config: Config, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        threads = config.train.num_threads or len(os.sched_getaffinity(0))
-        torch.set_num_threads(max(1, threads))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def autocast_context(config: Config, device: torch.device):
-    precision = config.train.precision
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "amp":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _to_float32(output: Any) -> Any:
-    """The model's output with every floating tensor in float32 (losses run outside autocast)."""
-    def cast(value: Any) -> Any:
-        if torch.is_tensor(value) and value.is_floating_point() and value.dtype != torch.float32:
-            return value.float()
-        return value
-    if dataclasses.is_dataclass(output):
-        return dataclasses.replace(output, **{f.name: cast(getattr(output, f.name))
-                                              for f in dataclasses.fields(output) if f.init})
-    if hasattr(output, "_replace"):
-        return output._replace(**{k: cast(v) for k, v in output._asdict().items()})
-    return output
 
 
 # -- data order ----------------------------------------------------------------------------
@@ -245,8 +192,29 @@ def _drop_stale_checkpoints(root: Path, start_epoch: int) -> None:
     for directory in list_checkpoints(root):
         if int(directory.name.split("_")[-1]) >= start_epoch:
             warnings.warn(f"removing the stale checkpoint {directory} of an earlier run "
-                          f"(this run starts at epoch {start_epoch})", stacklevel=3)
+                          f"(this run starts at epoch {start_epoch})", stacklevel=4)
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class _Run:
+    """What one training run carries from step to step."""
+
+    config: Config
+    device: torch.device
+    data: Any  # evaluate.PairData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler on CUDA with precision amp, else None
+    order: torch.Generator  # the order of the training pairs
+    out_dir: Path
+    resumed: bool
+    start_epoch: int = 1
+    checkpoint_dir: Path | None = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
 
 
 def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.PathLike,
@@ -257,142 +225,193 @@ def train(config: Config, report: ReportFn | None = None, *, out_dir: str | os.P
     `out_dir/example.npz` and `out_dir/metrics.json`. `resume_from`: a checkpoint directory or
     its `state.pt`; training continues after its epoch.
     """
-    from regcore import evaluate
-    from regcore.losses import compute_loss
-    from regcore.networks import build_model
-
     if not isinstance(config, Config):
         raise TypeError(f"config is a {type(config).__name__}, expected regcore.config.Config")
+    run = _start(config, Path(out_dir), resume_from)
+    epochs = config.train.epochs
+    history: list[dict[str, float]] = []
+    metrics: dict[str, float] = {}
+    for epoch in range(run.start_epoch, epochs + 1):
+        metrics = _train_epoch(run, epoch)
+        ckpt_now = _checkpoint_if_due(run, epoch)
+        history.append(dict(metrics))
+        if epoch == epochs:
+            break  # the last report waits for the test metrics
+        if report is not None:
+            report(dict(metrics), str(ckpt_now) if ckpt_now is not None else None)
+    return _finish(run, metrics, history, report)
+
+
+def _start(config: Config, out_dir: Path, resume_from: str | os.PathLike | None) -> _Run:
+    """Device, seeds, data, model, optimiser; the checkpoint's state when resuming."""
+    from regcore import evaluate
+    from regcore.networks import build_model
+
     device = select_device(config)
     resume_state = None
     if resume_from is not None:
         resume_state = load_checkpoint(resume_from)
         check_compatible(resume_state, config, resume_from)
-    configure_device(config, device)
+    configure_device(device, config.train.num_threads)
     seed_everything(config.seed)
     data = evaluate.PairData.from_config(config, device)
     if not data.train_pairs:
         raise ValueError(f"the data split has no training pairs (data.n_test == "
                          f"{config.data.n_test}, data.n_val == {config.data.n_val})")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out_dir / "checkpoints"
     model = build_model(config.model, data.in_channels, affine=config.affine).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     scaler = torch.amp.GradScaler("cuda") if config.train.precision == "amp" else None
     order = torch.Generator()
     order.manual_seed(config.seed)
-    start_epoch = 1
-    checkpoint_dir: Path | None = None
+    run = _Run(config=config, device=device, data=data, model=model, optimizer=optimizer,
+               scaler=scaler, order=order, out_dir=out_dir, resumed=resume_state is not None)
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        if resume_state.get("optimizer") is not None:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        if scaler is not None and resume_state.get("scaler") is not None:
-            scaler.load_state_dict(resume_state["scaler"])
-        if resume_state.get("rng") is not None:
-            restore_rng(resume_state["rng"], order)
-        start_epoch = int(resume_state["epoch"]) + 1
-        checkpoint_dir = Path(resume_from)
-        if checkpoint_dir.is_file():
-            checkpoint_dir = checkpoint_dir.parent
+        _restore(run, resume_state, Path(resume_from))
+    _drop_stale_checkpoints(run.ckpt_root, run.start_epoch)
+    return run
 
-    _drop_stale_checkpoints(ckpt_root, start_epoch)
-    epochs = config.train.epochs
-    history: list[dict[str, float]] = []
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, epochs + 1):
-        if config.train.fail_at_epoch == epoch and resume_state is None:
-            raise RuntimeError(f"train.fail_at_epoch == {epoch}: injected failure at the start of "
-                               f"epoch {epoch} (a run resumed from a checkpoint does not fail)")
-        started = time.perf_counter()
-        model.train()
-        sums: dict[str, float] = {}
-        weighted_sums: dict[str, float] = {}
-        total_sum = 0.0
-        factor = float("nan")
-        batches = epoch_order(len(data.train_pairs), config, order)
-        for step, batch in enumerate(batches, start=1):
-            set_learning_rate(optimizer, config, (epoch - 1) * len(batches) + step - 1,
-                              epochs * len(batches))
-            moving, fixed = training_batch(data, batch, config, order)
-            with autocast_context(config, device):
-                output = model(moving, fixed)
-            breakdown = compute_loss(_to_float32(output), fixed, config, epoch - 1, epochs)
-            terms = dict(breakdown.terms)
-            weighted = dict(breakdown.weighted)
-            total = breakdown.total
-            if config.train.nan_at_epoch == epoch and step == 1:
-                name = next(iter(terms))
-                terms[name] = terms[name] * float("nan")
-                weighted[name] = weighted[name] * float("nan")
-                total = total + weighted[name]
-            if not torch.isfinite(total.detach()):
-                raise DivergenceError(_nonfinite_message(epoch, step, terms, total))
-            check_displacement(output.total_ddf_vox, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip
-                                                       if config.train.grad_clip > 0 else float("inf"))
-            if scaler is not None:
-                scaler.step(optimizer)  # skips the step itself when the scaled gradient overflowed
-                scaler.update()
-            else:
-                if not torch.isfinite(grad_norm):
-                    raise DivergenceError(f"gradient became non-finite at epoch {epoch}, step "
-                                          f"{step} (norm {float(grad_norm):g}); loss terms were finite")
-                optimizer.step()
-            total_sum += float(total.detach())
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            for name, value in weighted.items():
-                weighted_sums[name] = weighted_sums.get(name, 0.0) + float(value.detach())
-            factor = float(breakdown.factor)
 
-        n = len(batches)
-        metrics = {"epoch": float(epoch), "train.loss_total": total_sum / n}
-        for name, value in sums.items():
-            metrics[f"train.loss_{name}"] = value / n
-        # share of each weighted term in the sum of their magnitudes: well defined (in [0, 1],
-        # summing to 1) also when a term is negative, as local NCC is
-        magnitude = sum(abs(value) for value in weighted_sums.values())
-        for name, value in weighted_sums.items():
-            metrics[f"train.share_{name}"] = abs(value) / magnitude if magnitude else float("nan")
-        metrics["train.reg_factor"] = factor
-        metrics["train.lr"] = float(optimizer.param_groups[0]["lr"])
-        metrics["train.epoch_s"] = time.perf_counter() - started
-        metrics.update(evaluate.validate(model, data, config, device))
+def _restore(run: _Run, state: dict, resume_from: Path) -> None:
+    """Weights, optimiser, scaler and data-order RNG from a checkpoint; continue after its epoch."""
+    run.model.load_state_dict(state["model"])
+    if state.get("optimizer") is not None:
+        run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and state.get("scaler") is not None:
+        run.scaler.load_state_dict(state["scaler"])
+    if state.get("rng") is not None:
+        restore_rng(state["rng"], run.order)
+    run.start_epoch = int(state["epoch"]) + 1
+    run.checkpoint_dir = resume_from.parent if resume_from.is_file() else resume_from
 
-        last = epoch == epochs
-        ckpt_now = None
-        if last or epoch % config.train.checkpoint_every == 0:
-            ckpt_now = save_checkpoint(ckpt_root, epoch=epoch, model=model, optimizer=optimizer,
-                                       config=config, rng=capture_rng(order), scaler=scaler)
-            prune_checkpoints(ckpt_root, KEEP_CHECKPOINTS)
-            checkpoint_dir = ckpt_now
-        history.append(dict(metrics))
-        if last:
-            break  # the last report waits for the test metrics below
-        if report is not None:
-            report(dict(metrics), str(ckpt_now) if ckpt_now is not None else None)
 
+def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """One pass over the epoch's batches, then validation: the epoch's metrics."""
+    from regcore import evaluate
+
+    config = run.config
+    if config.train.fail_at_epoch == epoch and not run.resumed:
+        raise RuntimeError(f"train.fail_at_epoch == {epoch}: injected failure at the start of "
+                           f"epoch {epoch} (a run resumed from a checkpoint does not fail)")
+    started = time.perf_counter()
+    run.model.train()
+    sums: dict[str, float] = {}
+    weighted_sums: dict[str, float] = {}
+    total_sum = 0.0
+    factor = float("nan")
+    batches = epoch_order(len(run.data.train_pairs), config, run.order)
+    for step, batch in enumerate(batches, start=1):
+        set_learning_rate(run.optimizer, config, (epoch - 1) * len(batches) + step - 1,
+                          config.train.epochs * len(batches))
+        total, terms, weighted, factor = _train_step(run, batch, epoch, step)
+        total_sum += float(total.detach())
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        for name, value in weighted.items():
+            weighted_sums[name] = weighted_sums.get(name, 0.0) + float(value.detach())
+    metrics = _loss_metrics(epoch, len(batches), total_sum, sums, weighted_sums)
+    metrics["train.reg_factor"] = factor
+    metrics["train.lr"] = float(run.optimizer.param_groups[0]["lr"])
+    metrics["train.epoch_s"] = time.perf_counter() - started
+    metrics.update(evaluate.validate(run.model, run.data, config, run.device))
+    return metrics
+
+
+def _train_step(run: _Run, batch: list[int], epoch: int, step: int):
+    """Forward, loss, divergence checks, backward and the optimiser step on the training pairs
+    `batch`: (total, terms, weighted terms, the adaptive regularizer factor)."""
+    from regcore.losses import compute_loss
+
+    config = run.config
+    moving, fixed = training_batch(run.data, batch, config, run.order)
+    with autocast(config.train.precision, run.device):
+        output = run.model(moving, fixed)
+    breakdown = compute_loss(to_float32(output), fixed, config, epoch - 1, config.train.epochs,
+                             spacing_mm=run.data.spacing_mm("train", batch))
+    terms = dict(breakdown.terms)
+    weighted = dict(breakdown.weighted)
+    total = breakdown.total
+    if config.train.nan_at_epoch == epoch and step == 1:
+        name = next(iter(terms))
+        terms[name] = terms[name] * float("nan")
+        weighted[name] = weighted[name] * float("nan")
+        total = total + weighted[name]
+    if not torch.isfinite(total.detach()):
+        raise DivergenceError(_nonfinite_message(epoch, step, terms, total))
+    check_displacement(output.total_ddf_vox, epoch, step)
+    _optimise(run, total, epoch, step)
+    return total, terms, weighted, float(breakdown.factor)
+
+
+def _optimise(run: _Run, total: torch.Tensor, epoch: int, step: int) -> None:
+    """Backward, gradient clipping and the optimiser step (through the scaler under amp)."""
+    optimizer, scaler = run.optimizer, run.scaler
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    clip = run.config.train.grad_clip
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                               clip if clip > 0 else float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step itself when the scaled gradient overflowed
+        scaler.update()
+    else:
+        if not torch.isfinite(grad_norm):
+            raise DivergenceError(f"gradient became non-finite at epoch {epoch}, step "
+                                  f"{step} (norm {float(grad_norm):g}); loss terms were finite")
+        optimizer.step()
+
+
+def _loss_metrics(epoch: int, n_steps: int, total_sum: float, sums: dict[str, float],
+                  weighted_sums: dict[str, float]) -> dict[str, float]:
+    """`epoch`, the epoch's mean loss terms and each weighted term's share."""
+    metrics = {"epoch": float(epoch), "train.loss_total": total_sum / n_steps}
+    for name, value in sums.items():
+        metrics[f"train.loss_{name}"] = value / n_steps
+    # share of each weighted term in the sum of their magnitudes: well defined (in [0, 1],
+    # summing to 1) also when a term is negative, as local NCC is
+    magnitude = sum(abs(value) for value in weighted_sums.values())
+    for name, value in weighted_sums.items():
+        metrics[f"train.share_{name}"] = abs(value) / magnitude if magnitude else float("nan")
+    return metrics
+
+
+def _checkpoint_if_due(run: _Run, epoch: int) -> Path | None:
+    """Save (and prune) a checkpoint on checkpoint epochs and the last one; its directory."""
+    config = run.config
+    if epoch != config.train.epochs and epoch % config.train.checkpoint_every != 0:
+        return None
+    saved = save_checkpoint(run.ckpt_root, epoch=epoch, model=run.model,
+                            optimizer=run.optimizer, config=config, rng=capture_rng(run.order),
+                            scaler=run.scaler)
+    prune_checkpoints(run.ckpt_root, KEEP_CHECKPOINTS)
+    run.checkpoint_dir = saved
+    return saved
+
+
+def _finish(run: _Run, metrics: dict[str, float], history: list[dict[str, float]],
+            report: ReportFn | None) -> TrainResult:
+    """The test evaluation, the last report, metrics.json; the `TrainResult`."""
+    from regcore import evaluate
+    from regcore.io import atomic_write_text
+
+    config = run.config
     if not metrics:  # resumed from the last epoch's checkpoint: nothing left to train
-        metrics = {"epoch": float(epochs)}
-    result = evaluate.evaluate_test(model, data, config, device, out_dir)
+        metrics = {"epoch": float(config.train.epochs)}
+    result = evaluate.evaluate_test(run.model, run.data, config, run.device, run.out_dir)
     metrics.update({f"test.{key}": value for key, value in result.means.items()})
+    checkpoint_dir = run.checkpoint_dir
     if report is not None:
         report(dict(metrics), str(checkpoint_dir) if checkpoint_dir is not None else None)
-    from regcore.io import atomic_write_text
-    atomic_write_text(out_dir / "metrics.json",
-                      json.dumps({"config": config.to_flat(), "device": str(device),
+    atomic_write_text(run.out_dir / "metrics.json",
+                      json.dumps({"config": config.to_flat(), "device": str(run.device),
                                   "metrics": metrics}, indent=2, default=float))
     return TrainResult(metrics=metrics, per_pair=result.table, per_pair_path=result.table_path,
                        checkpoint_dir=checkpoint_dir, example_path=result.example_path,
-                       history=history, device=str(device))
+                       history=history, device=str(run.device))
 
 
 # -- command -------------------------------------------------------------------------------
@@ -430,7 +449,7 @@ def build_config(variant: str, *, config_file: str | None = None, data_dir: str 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m regcore.train",
         description="Train one variant of the study on one data split and evaluate it on the "
                     "test pairs. Writes checkpoints/, per_pair.csv, example.npz and metrics.json "
@@ -450,14 +469,6 @@ def _parser() -> argparse.ArgumentParser:
                         metavar="KEY=VALUE", help="any dotted config key, e.g. train.lr=1e-4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises a UsageError (one line, exit 2 through run_cli) instead of exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        from regcore.cli import UsageError
-        raise UsageError(message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,10 @@ sweep's state (`sweep.json`: what was asked, the parent MLflow run); `--resume` 
 Every mistake of the caller (unknown preset or variant, a negative weight, a missing data
 directory, an unreachable tracking server, conflicting flags, a cluster without the resources
 one trial asks for) is one line on stderr and exit code 2, before any run or file is created.
+Every outside resource is probed first, each within a few seconds: the Ray cluster of
+`--address` (sweeps/cluster.py: malformed, nothing listening, not answering as a Ray head
+within 20 s), the tracking store (sweeps/tracking.py: server /health, a sqlite file that is no
+MLflow database, a folder without write permission, a database port) and the data (every file).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from regcore.cli import UsageError, run_cli  # noqa: E402
+from regcore.cli import ArgumentParser, UsageError, run_cli  # noqa: E402
 from regcore.config import REGULARIZERS, Config, parse_value  # noqa: E402
 from regcore.study import Study, default_study, parse_study  # noqa: E402
 from regcore.variants import BASELINE  # noqa: E402
@@ -39,12 +43,13 @@ from sweeps import tracking  # noqa: E402
 from sweeps.presets import PRESETS, get_preset  # noqa: E402
 from sweeps.study_files import DEFAULT_STUDY, load_study, shipped_studies  # noqa: E402
 
-__all__ = ["main", "SweepPlan", "build_plan", "parse_args"]
+__all__ = ["main", "SweepPlan", "build_plan", "parse_args", "ui_url"]
 
 PROG = "sweeps/ablation.py"
 STATE_FILE = "sweep.json"
 LATEST_FILE = "LATEST"
 PARTS = ("ablation", "search")
+PRIMARY_METRIC = "val.dice_mean"  # the live view's "best so far"
 
 
 # -- the plan: what a sweep runs, saved for --resume ------------------------------------------
@@ -98,13 +103,8 @@ class SweepPlan:
         return self.base_config().train.epochs
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: quick, or paper "
                                     f"with --data-dir)")
     p.add_argument("--study", help=f"a study file (.yaml/.json) or the name of one shipped in "
@@ -147,6 +147,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip the controlled timing of the trained networks after the trials")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference rows (identity, instance optimisation, truth)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only errors and the final summary (no live progress)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output (status tables, trial output) on the terminal "
+                        "too; it always goes to <storage-path>/<sweep-id>/ray.log")
     return p
 
 
@@ -235,67 +240,10 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
     """Preset + command line -> a validated plan (raises ValueError/UsageError on bad input)."""
     preset = get_preset(preset_name)
     study = load_study(args.study, cwd)
-    variants = [c.name for c in study.cells]
-    if args.variants is not None:
-        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        if not variants:
-            raise ValueError(f"--variants == {args.variants!r}, expected a comma-separated list")
-        for v in variants:
-            study.cell(v)
-        if len(set(variants)) != len(variants):
-            raise ValueError(f"--variants == {args.variants!r} repeats a variant")
-    seeds = list(study.seeds if preset.seeds is None else preset.seeds)
-    if args.seeds is not None and args.seed_list is not None:
-        raise UsageError("--seeds and --seed-list conflict: pass one of them")
-    if args.seeds is not None:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds == {args.seeds}, must be >= 1")
-        seeds = list(range(args.seeds))
-    if args.seed_list is not None:
-        seeds = _int_list(args.seed_list, "--seed-list")
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds == {seeds}, must be distinct integers >= 0")
-    search_trials = preset.search_trials if args.search_trials is None else args.search_trials
-    if search_trials < 0:
-        raise ValueError(f"--search-trials == {search_trials}, must be >= 0")
-    cpus = preset.cpus_per_trial if args.cpus_per_trial is None else args.cpus_per_trial
-    gpus = preset.gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
-    if not cpus > 0:
-        raise ValueError(f"--cpus-per-trial == {cpus:g}, must be > 0")
-    if gpus < 0:
-        raise ValueError(f"--gpus-per-trial == {gpus:g}, must be >= 0")
-    max_failures = preset.max_failures if args.max_failures is None else args.max_failures
-    if max_failures < 0:
-        raise ValueError(f"--max-failures == {max_failures}, must be >= 0")
-    if args.max_concurrent < 0:
-        raise ValueError(f"--max-concurrent == {args.max_concurrent}, must be >= 0")
-
-    overrides: dict[str, Any] = dict(preset.overrides)
-    if args.epochs is not None:
-        overrides["train.epochs"] = args.epochs
-    if args.shape is not None:
-        overrides["data.shape"] = _shape(args.shape)
-    if args.data_dir is not None:
-        overrides["data.data_dir"] = args.data_dir
-    overrides.update(_sets(args.set))
-    for key in ("variant", "seed"):
-        if key in overrides:
-            raise UsageError(f"--set {key}=... is not allowed: use --variants / --seeds")
-    _check_factor_keys(study, _sets(args.set))
-    # Trials run in their own working directories (and on other nodes): absolute paths only.
-    data_dir = overrides.get("data.data_dir")
-    if data_dir is not None:
-        data_path = Path(str(data_dir)).expanduser()
-        data_path = data_path if data_path.is_absolute() else cwd / data_path
-        if not data_path.exists():  # a Neurite OASIS folder, or the study's list of .npy files
-            raise FileNotFoundError(f"--data-dir {data_dir}: no such file or directory")
-        overrides["data.data_dir"] = str(data_path.resolve())
-    elif preset.requires_data_dir:
-        raise UsageError(f"--preset {preset.name} needs --data-dir (the Neurite OASIS directory)")
-    embedded = Path(str(overrides.get("data.embedded_dir", Config().data.embedded_dir)))
-    overrides["data.embedded_dir"] = str(embedded if embedded.is_absolute() else cwd / embedded)
-    overrides.setdefault("train.num_threads", max(1, int(round(cpus))))
-
+    variants = _plan_variants(args, study)
+    seeds = _plan_seeds(args, preset, study)
+    search_trials, cpus, gpus, max_failures = _plan_resources(args, preset)
+    overrides = _plan_overrides(args, preset, study, cwd, cpus)
     # Validate every trial's config now, not in a worker: unknown keys, negative weights, ...
     per_variant = _variant_overrides(args.set, variants, study)
     for v in variants:
@@ -313,6 +261,91 @@ def build_plan(args: argparse.Namespace, preset_name: str, cwd: Path) -> SweepPl
         search_mode=args.search_mode or "max", variant_overrides=per_variant,
         study=study.to_dict(),
     )
+
+
+def _plan_variants(args: argparse.Namespace, study: Study) -> list[str]:
+    """`--variants` (each a cell of the study, none repeated), else all the study's cells."""
+    variants = [c.name for c in study.cells]
+    if args.variants is not None:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not variants:
+            raise ValueError(f"--variants == {args.variants!r}, expected a comma-separated list")
+        for v in variants:
+            study.cell(v)
+        if len(set(variants)) != len(variants):
+            raise ValueError(f"--variants == {args.variants!r} repeats a variant")
+    return variants
+
+
+def _plan_seeds(args: argparse.Namespace, preset, study: Study) -> list[int]:
+    """`--seeds N` or `--seed-list`, else the preset's, else the study's replicate seeds."""
+    seeds = list(study.seeds if preset.seeds is None else preset.seeds)
+    if args.seeds is not None and args.seed_list is not None:
+        raise UsageError("--seeds and --seed-list conflict: pass one of them")
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds == {args.seeds}, must be >= 1")
+        seeds = list(range(args.seeds))
+    if args.seed_list is not None:
+        seeds = _int_list(args.seed_list, "--seed-list")
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds == {seeds}, must be distinct integers >= 0")
+    return seeds
+
+
+def _plan_resources(args: argparse.Namespace, preset) -> tuple[int, float, float, int]:
+    """(search trials, CPUs and GPUs per trial, retries), flags over the preset, checked."""
+    search_trials = preset.search_trials if args.search_trials is None else args.search_trials
+    if search_trials < 0:
+        raise ValueError(f"--search-trials == {search_trials}, must be >= 0")
+    cpus = preset.cpus_per_trial if args.cpus_per_trial is None else args.cpus_per_trial
+    gpus = preset.gpus_per_trial if args.gpus_per_trial is None else args.gpus_per_trial
+    if not cpus > 0:
+        raise ValueError(f"--cpus-per-trial == {cpus:g}, must be > 0")
+    if gpus < 0:
+        raise ValueError(f"--gpus-per-trial == {gpus:g}, must be >= 0")
+    max_failures = preset.max_failures if args.max_failures is None else args.max_failures
+    if max_failures < 0:
+        raise ValueError(f"--max-failures == {max_failures}, must be >= 0")
+    if args.max_concurrent < 0:
+        raise ValueError(f"--max-concurrent == {args.max_concurrent}, must be >= 0")
+    return search_trials, cpus, gpus, max_failures
+
+
+def _plan_overrides(args: argparse.Namespace, preset, study: Study, cwd: Path,
+                    cpus: float) -> dict[str, Any]:
+    """Every trial's dotted config overrides: the preset's, then the flags and `--set`."""
+    overrides: dict[str, Any] = dict(preset.overrides)
+    if args.epochs is not None:
+        overrides["train.epochs"] = args.epochs
+    if args.shape is not None:
+        overrides["data.shape"] = _shape(args.shape)
+    if args.data_dir is not None:
+        overrides["data.data_dir"] = args.data_dir
+    overrides.update(_sets(args.set))
+    for key in ("variant", "seed"):
+        if key in overrides:
+            raise UsageError(f"--set {key}=... is not allowed: use --variants / --seeds")
+    _check_factor_keys(study, _sets(args.set))
+    _absolute_data_paths(overrides, preset, cwd)
+    overrides.setdefault("train.num_threads", max(1, int(round(cpus))))
+    return overrides
+
+
+def _absolute_data_paths(overrides: dict[str, Any], preset, cwd: Path) -> None:
+    """Make `data.data_dir` (checked to exist) and `data.embedded_dir` absolute, in place:
+    trials run in their own working directories, and on other nodes."""
+    data_dir = overrides.get("data.data_dir")
+    if data_dir is not None:
+        data_path = Path(str(data_dir)).expanduser()
+        data_path = data_path if data_path.is_absolute() else cwd / data_path
+        if not data_path.exists():  # a Neurite OASIS folder, or the study's list of .npy files
+            raise FileNotFoundError(f"--data-dir {data_dir}: no such file or directory")
+        overrides["data.data_dir"] = str(data_path.resolve())
+    elif preset.requires_data_dir:
+        raise UsageError(f"--preset {preset.name} needs --data-dir (the Neurite OASIS directory)")
+    embedded = Path(str(overrides.get("data.embedded_dir", Config().data.embedded_dir)))
+    overrides["data.embedded_dir"] = str(embedded if embedded.is_absolute() else cwd / embedded)
 
 
 def _check_factor_keys(study: Study, sets: dict[str, Any]) -> None:
@@ -408,6 +441,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from sweeps.progress import ProgressCallback
     from sweeps.space import ablation_space, search_space, search_variants
     from sweeps.trainable import RunCloser, run_trial, trial_display_name
 
@@ -422,7 +456,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
             name=part, storage_path=str(sweep_dir),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[RunCloser(ctx.experiment_id, ctx.sweep_id)],
+            callbacks=[RunCloser(ctx.experiment_id, ctx.sweep_id), ProgressCallback(part)],
             progress_reporter=_reporter(), verbose=1)
 
     results: dict[str, Any] = {}
@@ -462,9 +496,6 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
                 run_config=run_config("search"))
 
         results["search"] = _fit("search", plan, sweep_dir, trainable, search_tuner)
-    elif plan.search_trials > 0:
-        print(f"{PROG}: none of {', '.join(plan.variants)} is a search cell of the study "
-              f"{study.name}: weight search skipped", file=sys.stderr)
     return results
 
 
@@ -520,16 +551,24 @@ def summary_table(rows: list[dict[str, Any]]):
 
 
 def _build_report(plan: SweepPlan, tracking_uri: str, out_dir: Path) -> Path:
-    """The report of the parent run, in-process (`python -m analysis.report` does the same)."""
+    """The report of the parent run, in-process (`python -m analysis.report` does the same),
+    then logged as the parent run's artifacts."""
     from analysis.report import build_report
 
-    return Path(build_report(tracking_uri=tracking_uri, parent_run_id=plan.parent_run_id,
+    path = Path(build_report(tracking_uri=tracking_uri, parent_run_id=plan.parent_run_id,
                              experiment=plan.experiment, out_dir=out_dir))
+    # the whole report folder (md, html, png figures, csv tables) as the parent run's
+    # artifacts under report/, so the MLflow UI shows it beside the runs
+    tracking.log_artifacts(tracking.client_for(tracking_uri), plan.parent_run_id,
+                           [(path.parent, "report")])
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    if args.quiet and args.verbose:
+        raise UsageError("--quiet and --verbose conflict: pass one of them")
     cwd = Path.cwd()
     storage = Path(args.storage_path).expanduser()
     storage = (storage if storage.is_absolute() else cwd / storage).resolve()
@@ -549,11 +588,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"--resume to continue it, or another --sweep-id")
         raw_uri = tracking.resolve_tracking_uri(args.tracking_uri or
                                                 tracking.DEFAULT_TRACKING_URI, cwd)
+    # Every outside resource, each probed within a few seconds: the cluster, the store, data.
+    from sweeps.cluster import check_address
+
+    check_address(args.address)
     tracking.check_tracking_uri(raw_uri)
     if plan.overrides.get("data.data_dir") is not None:
         from regcore.data import check_data
 
-        check_data(plan.base_config().data)  # every file of the split, before Ray starts
+        import tempfile
+
+        # every file of the split, before Ray starts; a split it makes goes to a scratch
+        # folder, so a failed check leaves the data folder as it was
+        with tempfile.TemporaryDirectory(prefix="regablate-check-") as scratch:
+            check_data(plan.base_config().data, split_dir=scratch)
     report_dir = Path(args.report_dir) if args.report_dir else cwd / "reports" / plan.sweep_id
 
     # 2. Ray, and the resources one trial asks for.
@@ -562,6 +610,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # between loses trial completions. A small sweep's state is tiny: snapshot often.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # the terminal shows the sweep's own lines: Ray's output goes to ray.log as it comes
+    # (deduplicated lines would be flushed at ray.shutdown, after the summary), MLflow's
+    # INFO lines ("Creating initial MLflow database tables...") are not shown
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     if args.address and "RAY_AUTH_MODE" not in os.environ and (
             Path.home() / ".ray" / "auth_token").exists():
         # A head started with ~/.ray/auth_token present enables token auth; a driver joining it
@@ -571,14 +624,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from sweeps.cluster import check_resources, start_ray
 
-    start_ray(args.address, args.ray_num_cpus)
+    joined = start_ray(args.address, args.ray_num_cpus)
     try:
         slots = check_resources(plan.cpus_per_trial, plan.gpus_per_trial)
         if args.max_concurrent:
             slots = min(slots, args.max_concurrent)
-        return _run(plan, args, storage, raw_uri, report_dir, slots, started)
+        return _run(plan, args, storage, raw_uri, report_dir, slots, started, joined)
     finally:
         ray.shutdown()
+
+
+def _log_parent_dataset(plan: SweepPlan, raw_uri: str) -> None:
+    """The sweep's data as a dataset input of the parent run too (once): the runs table shows
+    the parent row collapsed over its trials, with its Dataset column filled."""
+    from regcore.data import dataset_identity
+
+    client = tracking.client_for(raw_uri)
+    if not client.get_run(plan.parent_run_id).inputs.dataset_inputs:
+        tracking.log_dataset(client, plan.parent_run_id,
+                             dataset_identity(plan.common_config().data))
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows the sweep's runs. MLflow 3.17's UI opens on its GenAI pages
+    unless the address asks for model training (`workflowType`; the experiment's
+    `mlflow.experimentKind` tag alone does not switch it)."""
+    base = (tracking.redact_uri(tracking_uri).rstrip("/")
+            if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000")
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def _trial_total(plan: SweepPlan) -> int:
+    """How many trials the sweep runs: the ablation grid and the search's samples."""
+    from sweeps.space import search_variants
+
+    search = plan.search_trials if search_variants(plan.study_spec, plan.variants) else 0
+    return len(plan.variants) * len(plan.seeds) + search
 
 
 def _write_study(plan: SweepPlan, sweep_dir: Path) -> Path:
@@ -593,11 +674,37 @@ def _write_study(plan: SweepPlan, sweep_dir: Path) -> Path:
 
 
 def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
-         report_dir: Path, slots: int, started: float) -> int:
-    from regcore.io import atomic_write_text
-    from sweeps.trainable import RunCloser, SweepContext
+         report_dir: Path, slots: int, started: float, joined: str = "") -> int:
+    from sweeps.progress import Console
 
     # 3. Data, the MLflow store (created once, here), the parent run, the sweep's state.
+    console = Console(quiet=args.quiet)
+    _open_sweep(plan, storage, raw_uri, slots, console)
+    client = tracking.client_for(raw_uri)
+    results, tune_s = _tune(plan, storage / plan.sweep_id, raw_uri, slots, client, console,
+                            tee=args.verbose, joined=joined)
+    rows = _trial_rows(results)
+    outcome = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
+    tracking.close_stale_children(client, plan.experiment_id, plan.sweep_id, outcome)
+    if not args.no_timing:
+        from sweeps.after_trials import safely, timing_step
+
+        resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
+        safely(lambda: timing_step(raw_uri, plan.experiment_id, plan.sweep_id, resources),
+               "timing step", PROG)
+    if not args.no_reference:
+        from sweeps.after_trials import reference_of_plan
+        reference_of_plan(raw_uri, plan, PROG)
+    # 4. Summary, Ray's overhead, the report.
+    sweep_metrics = _print_summary(plan, rows, results, tune_s, slots)
+    tracking.log_metrics(client, plan.parent_run_id, sweep_metrics, step=0)
+    return _close_sweep(plan, args, client, raw_uri, report_dir, started)
+
+
+def _open_sweep(plan: SweepPlan, storage: Path, raw_uri: str, slots: int, console) -> None:
+    """The data, the experiment, the parent run (with study.json) and the sweep's state file."""
+    from regcore.io import atomic_write_text
+
     if plan.overrides.get("data.data_dir") is None:
         from regcore.data import ensure_embedded
 
@@ -613,47 +720,63 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
          **{k: v for k, v in plan.common_config().to_flat().items()
             if k not in ("variant", "seed")}},
         run_id=plan.parent_run_id)
+    _log_parent_dataset(plan, raw_uri)
     study_file = _write_study(plan, storage / plan.sweep_id)
     tracking.log_artifacts(tracking.client_for(raw_uri), plan.parent_run_id, [(study_file, None)])
     if not plan.created_utc:
         plan.created_utc = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     atomic_write_text(sweep_dir / STATE_FILE, json.dumps(asdict(plan), indent=2))
     atomic_write_text(storage / LATEST_FILE, plan.sweep_id + "\n")
-    print(f"sweep {plan.sweep_id}: study {plan.study_spec.name}, preset {plan.preset}, "
-          f"{len(plan.variants)} cells x "
-          f"{len(plan.seeds)} seeds + {plan.search_trials} search trials, {slots} at a time; "
-          f"MLflow {plan.tracking_uri} experiment {plan.experiment} parent run "
-          f"{plan.parent_run_id}", flush=True)
+    ray_log = sweep_dir / "ray.log"
+    console.say(f"sweep {plan.sweep_id}: study {plan.study_spec.name}, preset {plan.preset}, "
+                f"{len(plan.variants)} cells x {len(plan.seeds)} seeds + {plan.search_trials} "
+                f"search trials, {slots} at a time; MLflow {plan.tracking_uri} experiment "
+                f"{plan.experiment} parent run {plan.parent_run_id}; Ray's output: {ray_log}")
+
+
+def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client, console, *,
+          tee: bool, joined: str):
+    """(the Tuners' results, seconds of Tune time); the parent run is FAILED if they raise."""
+    from sweeps.progress import Progress, ProgressCallback, RayLog, View
+    from sweeps.space import search_variants
+    from sweeps.trainable import RunCloser, SweepContext
 
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
                        parent_run_id=plan.parent_run_id, sweep_id=plan.sweep_id,
                        variant_overrides=plan.cell_overrides(),
                        factor_levels={v: plan.study_spec.level_names(v) for v in plan.variants})
     RunCloser.tracking_uri = raw_uri
-    client = tracking.client_for(raw_uri)
+    if plan.search_trials > 0 and not search_variants(plan.study_spec, plan.variants):
+        console.say(f"{PROG}: none of {', '.join(plan.variants)} is a search cell of the study "
+                    f"{plan.study_spec.name}: weight search skipped")
     tune_started = time.perf_counter()
     status = "FAILED"
     try:
-        results = _run_tuners(plan, sweep_dir, ctx, slots)
+        # Ray's status tables, checkpoint messages and the trials' output go to ray.log; the
+        # terminal shows one live line (sweeps/progress.py)
+        with RayLog(sweep_dir / "ray.log", tee=tee, preamble=joined) as redirected:
+            console.stream = redirected.terminal
+            ProgressCallback.view = view = View(
+                Progress(_trial_total(plan), plan.epochs, metric=PRIMARY_METRIC,
+                         started=time.monotonic()), console)
+            try:
+                results = _run_tuners(plan, sweep_dir, ctx, slots)
+            finally:
+                view.finish()
+                ProgressCallback.view = None
+                console.stream = sys.stdout
         status = "FINISHED"
     finally:
         tune_s = time.perf_counter() - tune_started
         if status == "FAILED":
             client.set_terminated(plan.parent_run_id, status="FAILED")
-    rows = _trial_rows(results)
-    outcome = {r["trial_id"]: (r["status"], r["error"]) for r in rows}
-    tracking.close_stale_children(client, plan.experiment_id, plan.sweep_id, outcome)
-    if not args.no_timing:
-        from sweeps.after_trials import safely, timing_step
+    return results, tune_s
 
-        resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
-        safely(lambda: timing_step(raw_uri, plan.experiment_id, plan.sweep_id, resources),
-               "timing step", PROG)
-    if not args.no_reference:
-        from sweeps.after_trials import reference_of_plan
-        reference_of_plan(raw_uri, plan, PROG)
 
-    # 4. Summary, Ray's overhead, the report.
+def _print_summary(plan: SweepPlan, rows: list[dict], results, tune_s: float,
+                   slots: int) -> dict[str, float]:
+    """Print the summary table, Ray's overhead, the best search trial and the failures; the
+    sweep's own metrics."""
     import pandas as pd
 
     train_s = sum(float(r.get("trial.train_s", 0.0) or 0.0) for r in rows)
@@ -669,27 +792,39 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
           f"{slots} slot(s); the trials trained for {train_s:.1f} s in all: slots busy "
           f"{busy_pct:.1f} %, overhead {per_trial_overhead_s:.1f} s per trial (of which "
           f"{setup_s / max(len(rows), 1):.1f} s imports and MLflow set-up inside the trial)")
+    best = _best_search_line(plan, rows, results)
+    if best is not None:
+        print(best)
+    for r in failed:
+        print(f"FAILED {r['group']} {r['variant']}-s{r['seed']} ({r['trial_id']}): {r['error']}")
+    return {"sweep.trials": len(rows), "sweep.failed": len(failed), "sweep.tune_s": tune_s,
+            "sweep.trials_train_s": train_s, "sweep.trials_setup_s": setup_s,
+            "sweep.slots": slots, "sweep.busy_pct": busy_pct,
+            "sweep.overhead_per_trial_s": per_trial_overhead_s}
+
+
+def _best_search_line(plan: SweepPlan, rows: list[dict], results) -> str | None:
+    """'best weight-search trial (...): variant, weights', or None without a finished one."""
     searched = [r for r in rows if r["group"] == "search" and r["status"] == "FINISHED"
                 and isinstance(r.get(plan.search_metric), float)
                 and r[plan.search_metric] == r[plan.search_metric]]
-    if searched:
-        pick = max if plan.search_mode == "max" else min
-        best = pick(searched, key=lambda r: r[plan.search_metric])
-        config = next(g for g in results["search"] if not g.error and (g.config or {}).get(
-            "variant") == best["variant"] and g.metrics.get("trial_id") == best["trial_id"]).config
-        weights = ", ".join(f"{k.split('.')[1].removesuffix('_weight')} {config[k]:.3g}"
-                            for k in sorted(config) if k.startswith("loss.")
-                            and k.endswith("_weight") and k.split(".")[1].removesuffix("_weight")
-                            in REGULARIZERS)
-        print(f"best weight-search trial ({plan.search_metric} {best[plan.search_metric]:.4g}): "
-              f"{best['variant']}, {weights}")
-    for r in failed:
-        print(f"FAILED {r['group']} {r['variant']}-s{r['seed']} ({r['trial_id']}): {r['error']}")
-    tracking.log_metrics(client, plan.parent_run_id, {
-        "sweep.trials": len(rows), "sweep.failed": len(failed), "sweep.tune_s": tune_s,
-        "sweep.trials_train_s": train_s, "sweep.trials_setup_s": setup_s, "sweep.slots": slots, "sweep.busy_pct": busy_pct,
-        "sweep.overhead_per_trial_s": per_trial_overhead_s}, step=0)
+    if not searched:
+        return None
+    pick = max if plan.search_mode == "max" else min
+    best = pick(searched, key=lambda r: r[plan.search_metric])
+    config = next(g for g in results["search"] if not g.error and (g.config or {}).get(
+        "variant") == best["variant"] and g.metrics.get("trial_id") == best["trial_id"]).config
+    weights = ", ".join(f"{k.split('.')[1].removesuffix('_weight')} {config[k]:.3g}"
+                        for k in sorted(config) if k.startswith("loss.")
+                        and k.endswith("_weight") and k.split(".")[1].removesuffix("_weight")
+                        in REGULARIZERS)
+    return (f"best weight-search trial ({plan.search_metric} {best[plan.search_metric]:.4g}): "
+            f"{best['variant']}, {weights}")
 
+
+def _close_sweep(plan: SweepPlan, args: argparse.Namespace, client, raw_uri: str,
+                 report_dir: Path, started: float) -> int:
+    """The report (unless --no-report), the wall time, the parent run FINISHED; exit code."""
     report_path, code = None, 0
     if not args.no_report:
         try:
@@ -703,8 +838,10 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
     print(f"sweep {plan.sweep_id} done in {wall_s:.1f} s; parent run {plan.parent_run_id}")
     if report_path is not None:
         print(f"report: {report_path}")
+    hint = ("" if raw_uri.startswith(("http://", "https://")) else
+            f" (after `mlflow ui --backend-store-uri {plan.tracking_uri}`)")
+    print(f"MLflow UI: {ui_url(raw_uri, plan.experiment_id)}{hint}")
     return code
-
 
 if __name__ == "__main__":
     run_cli(main, prog=PROG)

@@ -14,29 +14,15 @@ by `Tuner.restore`, so the sweep logs itself:
 Tracking URIs may carry `user:password@`; `redact_uri` strips them before a URI is written
 anywhere (tags, params, sweep state, messages).
 
-A tracking server that is unreachable for a while (restarted, redeployed, a network blip) is
-ridden out by MLflow's own REST client, with an explicit budget: `client_for` sets
-`HTTP_RETRY_ENV` in the process's environment (driver and every trial; a value the operator
-already exported wins). Every REST call (metrics, params, tags, run status, artifact uploads
-through `--serve-artifacts`) is retried by urllib3 after 0, 4, 8, 16, 32 and 64 s (backoff
-factor 2, plus up to 1 s of jitter each): a call whose connection is refused is given up only
-after its 7th attempt, about 124-130 s after the first one, so an outage of up to ~2 minutes
-costs a trial that long a pause and nothing else: the call that was waiting goes through once
-the server answers, with its original step and timestamp, and no metric is lost
-(tests/sweeps/test_mlflow_outage.py kills the server mid-sweep and restarts it). A server that
-hangs instead of refusing adds up to `MLFLOW_HTTP_REQUEST_TIMEOUT` (30 s) per attempt.
-Beyond the budget the call fails with `TrackingUnreachableError`, one line naming the server
-(redacted) and the budget: the trial fails (and is retried by Tune if `--max-failures`
-allows) without writing to the server again; its run is left RUNNING and the driver ends it
-(FAILED) at the end of the sweep if the server answers by then, else the driver's own call
-fails with the same one-line error.
-Known limit: all methods are retried, so a request the server applied just before it died,
-whose answer was lost, is sent again (identical metrics are then stored twice at the same
-step and timestamp; a lost `create_run` answer would give a trial a second run).
+A tracking server that is unreachable for a while is ridden out by MLflow's own REST client
+with an explicit retry budget (`HTTP_RETRY_ENV`, set by `client_for` where the operator has
+not); past it a call fails with `TrackingUnreachableError`, one line naming the redacted
+server. The arithmetic and the limits: docs/DEPLOYMENT.md, "Tracking-server outages".
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -46,6 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
+from regcore.uris import DEFAULT_TRACKING_URI, redact_uri  # re-exported: sweeps' callers use them
+
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "redact_uri",
@@ -53,6 +41,9 @@ __all__ = [
     "check_tracking_uri",
     "is_local_sqlite",
     "ensure_experiment",
+    "log_dataset",
+    "EXPERIMENT_KIND_TAG",
+    "EXPERIMENT_KIND",
     "client_for",
     "get_or_create_parent",
     "find_child",
@@ -69,8 +60,10 @@ __all__ = [
     "guard",
 ]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG = "regablate."
+#: MLflow 3's UI opens an experiment of this kind on its training runs (not the GenAI overview).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _HTTP_TIMEOUT_S = 3.0
 
 #: MLflow's REST client settings for every process of a sweep (see the module docstring).
@@ -134,17 +127,6 @@ class guard:
         return False
 
 
-def redact_uri(uri: str) -> str:
-    """`http://user:secret@host:5000` -> `http://host:5000` (anything without credentials is kept)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
 def is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
@@ -159,38 +141,94 @@ def resolve_tracking_uri(uri: str, cwd: Path | None = None) -> str:
     return uri
 
 
-def check_tracking_uri(uri: str) -> None:
-    """Fail fast (ValueError, one line) when the tracking store cannot be used.
+_DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
-    HTTP servers are probed at `/health` with a short timeout; a sqlite file must be creatable
-    (its directory exists). Nothing is created here.
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast (one line: ValueError, FileNotFoundError, PermissionError) when the tracking
+    store cannot be used; every probe is bounded (a few seconds) and nothing is created.
+
+    - http(s): the server's `/health` must answer 200 within `_HTTP_TIMEOUT_S`;
+    - sqlite: the folder must exist and be writable; an existing file must be an SQLite
+      database holding an MLflow store (or no table yet);
+    - postgresql/mysql/mssql: the server's port must accept a connection;
+    - any other scheme is refused.
     """
-    scheme = urllib.parse.urlsplit(uri).scheme
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme
     if scheme in ("http", "https"):
-        parts = urllib.parse.urlsplit(uri)
-        netloc = parts.hostname or ""
-        if parts.port is not None:
-            netloc = f"{netloc}:{parts.port}"
-        health = urllib.parse.urlunsplit((scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
-        try:
-            with urllib.request.urlopen(health, timeout=_HTTP_TIMEOUT_S) as response:
-                if response.status != 200:
-                    raise ValueError(f"tracking server {redact_uri(uri)} answered HTTP "
-                                     f"{response.status} at /health, expected 200")
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise ValueError(f"tracking server {redact_uri(uri)} is unreachable ({reason}); "
-                             f"start it or pass another --tracking-uri") from None
+        _check_server(uri, parts)
     elif is_local_sqlite(uri):
-        parent = Path(uri.removeprefix("sqlite:///")).parent
-        if not parent.is_dir():
-            raise FileNotFoundError(f"--tracking-uri {uri}: directory {parent} does not exist")
-    elif scheme in ("databricks", "postgresql", "mysql", "mssql") or scheme.startswith(
-            ("postgresql+", "mysql+")):
-        pass  # checked by MLflow itself when the driver opens the store
+        _check_sqlite(uri, Path(uri.removeprefix("sqlite:///")))
+    elif scheme.split("+")[0] in _DB_PORTS:
+        from sweeps.cluster import probe_tcp
+
+        host = parts.hostname or "localhost"
+        port = parts.port or _DB_PORTS[scheme.split("+")[0]]
+        why = probe_tcp(host, port)
+        if why is not None:
+            raise ValueError(f"tracking database {redact_uri(uri)} is unreachable at "
+                             f"{host}:{port} ({why}); start it or pass another --tracking-uri")
+    elif scheme == "databricks":
+        pass  # a profile, not a host: checked by MLflow itself when the driver opens the store
     else:
         raise ValueError(f"--tracking-uri == {redact_uri(uri)!r}, expected sqlite:///FILE, "
                          f"http(s)://HOST:PORT or a database URI")
+
+
+def _check_server(uri: str, parts) -> None:
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health",
+                                      "", ""))
+    try:
+        with urllib.request.urlopen(health, timeout=_HTTP_TIMEOUT_S) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ValueError(f"tracking server {redact_uri(uri)} is unreachable ({reason}); "
+                         f"start it or pass another --tracking-uri") from None
+    if status != 200:
+        raise ValueError(f"tracking server {redact_uri(uri)} answered HTTP {status} at "
+                         f"/health, expected 200 (is it an MLflow server?)")
+
+
+def _check_sqlite(uri: str, path: Path) -> None:
+    import sqlite3
+
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--tracking-uri {uri}: directory {parent} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"--tracking-uri {uri}: {path} is a directory, expected a "
+                                f"database file")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and
+                                                     not os.access(path, os.R_OK | os.W_OK)):
+        raise PermissionError(f"--tracking-uri {uri}: no permission to write the store "
+                              f"{path} (and its artifacts beside it)")
+    if not path.exists() or path.stat().st_size == 0:
+        return  # MLflow creates the store there
+    with open(path, "rb") as handle:
+        head = handle.read(len(_SQLITE_MAGIC))
+    if head != _SQLITE_MAGIC:
+        raise ValueError(f"--tracking-uri {uri}: {path} is not an SQLite database, expected an "
+                         f"MLflow store or a new file name")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True,
+                                                timeout=_HTTP_TIMEOUT_S)) as db:
+            tables = {row[0] for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as error:
+        raise ValueError(f"--tracking-uri {uri}: {path} is not a readable SQLite database "
+                         f"({error})") from None
+    if tables and "experiments" not in tables:
+        raise ValueError(f"--tracking-uri {uri}: {path} is an SQLite database but not an MLflow "
+                         f"store (no experiments table), expected an MLflow store or a new file "
+                         f"name")
 
 
 def client_for(uri: str):
@@ -209,11 +247,35 @@ def ensure_experiment(uri: str, name: str) -> str:
     client = client_for(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                      EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
     if is_local_sqlite(uri):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def log_dataset(client, run_id: str, identity: dict[str, Any],
+                context: str = "training") -> None:
+    """Record the run's data as an MLflow dataset input (what `mlflow.log_input` records; the
+    client call, since a trial writes to its run by id): name, digest, a local source (the
+    cohort's folder) and the profile as JSON. `identity`: `regcore.data.dataset_identity`."""
+    import json
+
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    record = MetaDataset(LocalArtifactDatasetSource(identity["source"]), name=identity["name"],
+                         digest=identity["digest"]).to_dict()
+    record["profile"] = json.dumps(identity.get("profile", {}), sort_keys=True)
+    entity = Dataset(**record)
+    with guard(client, "logging the run's dataset"):
+        client.log_inputs(run_id, datasets=[DatasetInput(
+            entity, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def flat_params(flat: dict[str, Any]) -> dict[str, str]:
@@ -361,8 +423,3 @@ def log_artifacts(client, run_id: str, files: Iterable[tuple[Path, str | None]])
                 client.log_artifacts(run_id, str(path), artifact_path)
             elif path.is_file():
                 client.log_artifact(run_id, str(path), artifact_path)
-
-
-def safe_env_summary() -> dict[str, str]:
-    """Environment facts worth a tag; never tokens or credentials."""
-    return {"host": os.uname().nodename, "pid": str(os.getpid())}

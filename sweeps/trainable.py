@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from sweeps import tracking
 from sweeps.space import GROUP_KEY
 
-__all__ = ["SweepContext", "run_trial", "split_trial_config", "run_name", "RunCloser"]
+__all__ = ["SweepContext", "run_trial", "split_trial_config", "run_name", "RunCloser",
+           "trial_params"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,13 @@ def _run_name_of(context, variant: str, seed: int, group: str, trial_id: str) ->
     return run_name(variant, seed, group, trial_id)
 
 
+def trial_params(cfg) -> dict[str, str]:
+    """The run's params: the config in force (`Config.in_force`): the factors and learning
+    rate written out, and 0 for every regularizer weight of a variant that applies none, so
+    the MLflow UI never shows a weight the network was not trained with."""
+    return tracking.flat_params(cfg.in_force().to_flat())
+
+
 def _bool(value: bool) -> str:
     return "true" if value else "false"
 
@@ -87,20 +97,11 @@ def _bool(value: bool) -> str:
 def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
     """One trial: train the configured variant, log it to its MLflow child run."""
     entered = time.perf_counter()
-    import ray
-    from ray import tune
+    import regcore.train  # noqa: F401  (imported here: its cost is the trial's setup time)
 
-    from regcore.config import Config
-    from regcore.train import train
-
-    flat, meta = split_trial_config(config)
-    flat.update((ctx.variant_overrides or {}).get(str(flat.get("variant")), {}))
-    cfg = Config.from_flat(flat)
-    group = str(meta.get(GROUP_KEY, "ablation"))
+    cfg, group = _trial_config(config, ctx)
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    trial_dir = Path(context.get_trial_dir())
-
     client = tracking.client_for(ctx.tracking_uri)
     done = tracking.find_child(client, ctx.experiment_id, ctx.sweep_id, trial_id)
     if done is not None and done.info.status == "FINISHED":
@@ -108,10 +109,41 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         # trial finished may hand it out again. Its run says it is done: report, don't retrain.
         tune.report({**done.data.metrics, "regablate.replayed": 1.0})
         return
+    run_id, _attempt = tracking.get_or_create_child(
+        client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
+        _run_name_of(context, cfg.variant, cfg.seed, group, trial_id),
+        _trial_tags(cfg, group, context, done, ctx), trial_params(cfg), existing=done)
+    if done is None:  # a new run: its data as an MLflow dataset input (once per run)
+        from regcore.data import dataset_identity
+
+        tracking.log_dataset(client, run_id, dataset_identity(cfg.data))
+
+    checkpoint = tune.get_checkpoint()
+    started = time.perf_counter()
+    setup_s = started - entered  # imports, MLflow run: the trial's own orchestration cost
+    report = _epoch_reporter(client, run_id, checkpoint, started, setup_s)
+    out_dir = Path(context.get_trial_dir()) / "out"
+    result = _train_logged(cfg, report, out_dir, checkpoint, client, run_id)
+    _end_run(client, run_id, result, done, time.perf_counter() - started, setup_s)
+
+
+def _trial_config(config: dict[str, Any], ctx: SweepContext):
+    """(the trial's `Config` with its cell's overrides applied, its group)."""
+    from regcore.config import Config
+
+    flat, meta = split_trial_config(config)
+    flat.update((ctx.variant_overrides or {}).get(str(flat.get("variant")), {}))
+    return Config.from_flat(flat), str(meta.get(GROUP_KEY, "ablation"))
+
+
+def _trial_tags(cfg, group: str, context, done, ctx: SweepContext) -> dict[str, str]:
+    """The child run's tags: the variant and its factors, seed, group, where it runs."""
+    import ray
+
     node_id = ray.get_runtime_context().get_node_id()
     earlier_nodes = [n for n in (done.data.tags.get(f"{tracking.TAG}node_ids", "")
                                  if done is not None else "").split(",") if n]
-    tags = {
+    return {
         f"{tracking.TAG}variant": cfg.variant,
         f"{tracking.TAG}affine": _bool(cfg.affine),
         f"{tracking.TAG}regularize": _bool(cfg.regularize),
@@ -125,14 +157,10 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         **{f"{tracking.TAG}factor.{name}": level
            for name, level in (ctx.factor_levels or {}).get(cfg.variant, {}).items()},
     }
-    run_id, _attempt = tracking.get_or_create_child(
-        client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial_id,
-        _run_name_of(context, cfg.variant, cfg.seed, group, trial_id), tags,
-        tracking.flat_params(cfg.in_force().to_flat()), existing=done)
 
-    checkpoint = tune.get_checkpoint()
-    started = time.perf_counter()
-    setup_s = started - entered  # imports, MLflow run: the trial's own orchestration cost
+
+def _epoch_reporter(client, run_id: str, checkpoint, started: float, setup_s: float):
+    """train's `report`: each epoch's metrics to MLflow (step = epoch) and to Tune."""
     first_report = [True]
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
@@ -150,13 +178,19 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         else:
             tune.report(payload)
 
-    out_dir = trial_dir / "out"
+    return report
+
+
+def _train_logged(cfg, report, out_dir: Path, checkpoint, client, run_id: str):
+    """`regcore.train.train` (resumed from Tune's checkpoint if any); a failure or an early
+    stop ends the MLflow run before it propagates."""
+    from regcore.train import train
+
     try:
         if checkpoint is not None:
             with checkpoint.as_directory() as resume_dir:
-                result = train(cfg, report, out_dir=out_dir, resume_from=resume_dir)
-        else:
-            result = train(cfg, report, out_dir=out_dir)
+                return train(cfg, report, out_dir=out_dir, resume_from=resume_dir)
+        return train(cfg, report, out_dir=out_dir)
     except SystemExit:
         # Tune stops a trial (ASHA) by exiting its thread inside tune.report.
         client.set_tag(run_id, f"{tracking.TAG}stopped_early", "true")
@@ -172,7 +206,9 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         client.set_terminated(run_id, status="FAILED")
         raise
 
-    train_s = time.perf_counter() - started
+
+def _end_run(client, run_id: str, result, done, train_s: float, setup_s: float) -> None:
+    """Artifacts, the closing metrics and tags, and FINISHED."""
     tracking.log_artifacts(client, run_id, [
         (Path(result.per_pair_path), None),
         (Path(result.example_path), None),
@@ -190,13 +226,7 @@ def run_trial(config: dict[str, Any], ctx: SweepContext) -> None:
         client.set_terminated(run_id, status="FINISHED")
 
 
-def _callback_base():
-    from ray import tune
-
-    return tune.Callback
-
-
-class RunCloser(_callback_base()):
+class RunCloser(tune.Callback):
     """Driver-side Tune callback: ends a trial's MLflow run that its trial could not end.
 
     A trial stopped early by ASHA, or one whose process died, leaves its run RUNNING. The

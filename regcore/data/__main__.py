@@ -15,14 +15,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from regcore.cli import UsageError, run_cli
+from regcore.cli import ArgumentParser, run_cli
 
 PROG = "python -m regcore.data"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through run_cli instead of usage + exit 2
-        raise UsageError(message)
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -38,8 +33,8 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     build = sub.add_parser("build", help="build the embedded cohort into a new folder")
     build.add_argument("--out", required=True, help="new folder for the cohort")
     build.add_argument("--subjects", type=int, default=24, help="subjects besides the atlas")

@@ -33,7 +33,7 @@ from regcore import io as rio
 from regcore.data.oasis import SubjectFiles, check_subject, discover_subjects, load_subject
 from regcore.data.volume import N_SEG4_LABELS, Volume, one_hot
 
-__all__ = ["Cohort", "load_cohort", "PairDataset", "check_data", "make_split", "find_atlas",
+__all__ = ["Cohort", "load_cohort", "PairDataset", "check_data", "dataset_identity", "make_split", "find_atlas",
            "SPLITS"]
 
 SPLITS = ("train", "val", "test")
@@ -308,3 +308,41 @@ def check_data(data_cfg, *, split_dir: str | Path | None = None) -> dict:
             "pairs": {s: len(cohort.pairs(s)) for s in SPLITS},
             "native_shapes": {"x".join(map(str, k)): v for k, v in shapes.items()},
             "atlas": cohort.atlas_id, "split_path": str(cohort.split_path)}
+
+
+def dataset_identity(data_cfg) -> dict:
+    """What identifies the data a run trains and is tested on, for a tracking store's dataset
+    record: `name`, `digest`, `source` (the cohort's folder), `profile` (subjects, split, pairs).
+
+    The digest (16 hex digits of a SHA-256) covers each subject's files by path relative to the
+    cohort folder and size, the split and the data settings that change what a network sees
+    (shape, modality, space, pairing): the same cohort gives the same digest on any machine or
+    path. File contents are not read (a 128^3 cohort is gigabytes).
+    """
+    import hashlib
+
+    cohort = load_cohort(data_cfg, cache_size=0)
+    root = cohort.root.resolve()
+    entries = []
+    for subject_id in sorted(cohort.files):
+        for path in sorted(cohort.files[subject_id].paths()):
+            resolved = path.resolve()
+            try:
+                relative = str(resolved.relative_to(root))
+            except ValueError:  # a list file naming files elsewhere: keep the file's name
+                relative = resolved.name
+            entries.append([subject_id, relative, resolved.stat().st_size])
+    settings = {"shape": list(data_cfg.shape), "modality": data_cfg.modality,
+                "space": data_cfg.space, "pairing": data_cfg.pairing}
+    blob = json.dumps({"files": entries, "split": cohort.split, "settings": settings},
+                      sort_keys=True).encode()
+    embedded = data_cfg.data_dir is None
+    return {
+        "name": f"embedded-{root.name}" if embedded else root.name,
+        "digest": hashlib.sha256(blob).hexdigest()[:16],
+        "source": str(root),
+        "profile": {"kind": "embedded cohort" if embedded else "data directory",
+                    "subjects": len(cohort.files), "atlas": cohort.atlas_id,
+                    "split": {s: len(cohort.split[s]) for s in SPLITS},
+                    "pairs": {s: len(cohort.pairs(s)) for s in SPLITS}, **settings},
+    }

@@ -58,7 +58,9 @@ __all__ = ["EmbeddedParams", "build_embedded", "ensure_embedded", "embedded_name
 ATLAS_NUMBER = 16
 ATLAS_ID = f"OASIS_OAS1_{ATLAS_NUMBER:04d}_MR1"
 COHORT_FILE = "cohort.json"
-GENERATOR_VERSION = 1
+#: part of a build's folder name: a change of the generated values bumps it (2: warps and
+#: integration by regcore.spatial / regcore.integrate, float-rounding changes only)
+GENERATOR_VERSION = 2
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
 
@@ -172,44 +174,13 @@ def _atlas_on_grid(shape: tuple[int, int, int]):
     return t1_grid, seg_grid.astype(np.uint8), affine_crop @ to_crop
 
 
-# -- deformations (torch, voxel units; normalised coordinates only inside _warp) ---------------
-
-def _identity(shape):
-    """(3, D, H, W) float32 voxel coordinates."""
-    import torch
-
-    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
-
-
-@functools.lru_cache(maxsize=4)
-def _identity_normalised(shape):
-    """(1, D, H, W, 3) identity in grid_sample's normalised (x=W, y=H, z=D) coordinates and the
-    (3,) voxel -> normalised scale in that order (align_corners=True)."""
-    import torch
-
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in reversed(shape)])
-    grid = _identity(shape).flip(0).permute(1, 2, 3, 0) * scale - 1.0
-    return grid[None].contiguous(), scale
-
+# -- deformations (torch, voxel units; regcore.spatial warps) ----------------------------------
 
 def _warp(volume, ddf_vox, mode: str):
     """volume (C, D, H, W), ddf_vox (3, D, H, W) torch -> volume(x + u(x)), border padding."""
-    import torch.nn.functional as F
+    from regcore.spatial import warp
 
-    identity, scale = _identity_normalised(tuple(volume.shape[1:]))
-    grid = identity + ddf_vox.flip(0).permute(1, 2, 3, 0)[None] * scale
-    out = F.grid_sample(volume[None].float(), grid, mode=mode, padding_mode="border",
-                        align_corners=True)
-    return out[0]
-
-
-def _integrate(velocity_vox, steps: int):
-    """Scaling and squaring: exp(v) as a displacement, (3, D, H, W) voxels."""
-    ddf = velocity_vox / (2 ** steps)
-    for _ in range(steps):
-        ddf = ddf + _warp(ddf, ddf, "bilinear")
-    return ddf
+    return warp(volume[None].float(), ddf_vox[None], mode=mode)[0]
 
 
 def _upsample(field: np.ndarray, shape) -> np.ndarray:
@@ -258,16 +229,20 @@ def _true_ddf(rng, p: EmbeddedParams, shape, spacing_mm: float):
     """
     import torch
 
+    from regcore.integrate import integrate_velocity
+    from regcore.spatial import identity_grid_vox
+
     half = tuple(max(8, n // 2) for n in shape)
     factor = np.asarray(shape, dtype=np.float64) / np.asarray(half)
     velocity = _smooth_noise(rng, half, 3, p.velocity_sigma_mm / spacing_mm / factor.mean())
     velocity *= rng.uniform(0.5, 1.0) * p.max_velocity_mm / spacing_mm
     velocity /= factor.reshape(3, 1, 1, 1)  # voxels of the coarse grid
-    w_half = _integrate(torch.from_numpy(velocity.astype(np.float32)), p.int_steps).numpy()
+    w_half = integrate_velocity(torch.from_numpy(velocity.astype(np.float32))[None],
+                                p.int_steps)[0].numpy()
     w = torch.from_numpy(_upsample(w_half, shape) * factor.reshape(3, 1, 1, 1).astype(np.float32))
     a, t, record = _random_affine(rng, p, spacing_mm)
     centre = (torch.tensor(shape, dtype=torch.float32) - 1) / 2
-    x = _identity(shape)
+    x = identity_grid_vox(shape)[0]
     y = (x + w - centre.view(3, 1, 1, 1)).reshape(3, -1)
     mapped = torch.from_numpy(a.astype(np.float32)) @ y
     shift = centre + torch.from_numpy(t.astype(np.float32))

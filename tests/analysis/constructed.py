@@ -53,5 +53,10 @@ def make_per_pair(n_subjects: int = 12, seeds=(0, 1, 2), *, dice=(0.05, 0.03, 0.
                 row["ncc_improvement_pct"] = 100 * (row["ncc_after"] - 0.5) / 0.5
                 row["dice_before_mean"] = 0.4
                 row["true_error_mm"] = float("nan")
+                row["ndv_pct"] = 0.5 * row["folding_pct"]
+                row["labels_missing"] = 0.0
+                row["l2r_dice_mean"] = row["dice_mean"]
+                row["l2r_hd95_vox"] = 0.7 * row["hd95_mm"] / 1.5
+                row["l2r_sdlogj"] = 0.1 * row["sdlogj"]
                 rows.append(row)
     return pd.DataFrame(rows)

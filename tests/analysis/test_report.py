@@ -226,3 +226,15 @@ def test_partial_sweep_reports_what_it_cannot_compute(store, tmp_path):
     assert "| RegLoss UNet | " in md and "| Combined (Basic) | " not in md
     assert {p.name for p in (tmp_path / "r").glob("*.png")} == {
         "box_dice_mean.png", "box_hd95_mm.png", "box_folding_pct.png", "box_sdlogj.png"}
+
+
+def test_report_gives_learn2regs_columns_beside_ours(report_dir):
+    section = _section((report_dir / "report.md").read_text(), "Registration metrics")
+    ours = next(line for line in section.splitlines() if line.startswith("| Method | Dice"))
+    assert "NDV (%), lower is better" in ours and "Labels missing, lower is better" in ours
+    l2r = next(line for line in section.splitlines() if line.startswith("| Method | Dice (L"))
+    assert l2r.split(" | ")[1:] == ["Dice (Learn2Reg), higher is better",
+                                    "HD95 (Learn2Reg) (vox), lower is better",
+                                    "SDlogJ (Learn2Reg), lower is better |"]
+    # the definitions state the missing-structure rule
+    assert "scores as the worst case, never the best" in (report_dir / "report.md").read_text()

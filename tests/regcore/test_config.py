@@ -63,6 +63,9 @@ def test_overrides_are_validated_and_coerced():
         ("seed", -1, r"seed == -1, must be >= 0"),
         ("train.epoch", 3, r"unknown config key 'train.epoch', expected one of train.augment_flip"),
         ("optimizer", "sgd", r"unknown config key 'optimizer'"),
+        ("loss.max_displacement_mm", 0.0, r"loss.max_displacement_mm == 0.0, must be > 0"),
+        ("loss.max_displacement_vox", 10.0,
+         r"^config key 'loss.max_displacement_vox' was retired: use loss.max_displacement_mm"),
     ],
 )
 def test_bad_values_name_the_key_the_value_and_what_was_expected(key, value, message):
@@ -128,3 +131,10 @@ def test_a_variant_of_another_study_names_its_factors_and_in_force_writes_them_o
     with pytest.raises(ValueError, match="variant == 'bad name!'"):
         Config.from_flat({"variant": "bad name!", "model.affine": True,
                           "loss.regularize": True})
+
+
+def test_a_checkpoint_written_before_a_key_was_retired_still_loads():
+    from regcore.checkpoint import config_from_state
+
+    flat = {**Config(variant="regloss").to_flat(), "loss.max_displacement_vox": 10.0}
+    assert config_from_state({"config": flat}) == Config(variant="regloss")

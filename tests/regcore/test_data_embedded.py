@@ -175,7 +175,7 @@ def test_ensure_embedded_builds_once_and_is_safe_concurrently(tmp_path, monkeypa
     assert len(results) == 3 and len(set(results)) == 1
     assert len(builds) == 1  # the others waited on the lock and reused the winner's build
     folder = results[0]
-    assert folder.name == "mni152_16x16x16_n4_seed0_v1"
+    assert folder.name == "mni152_16x16x16_n4_seed0_v2"
     stamp = (folder / "cohort.json").stat().st_mtime_ns
     assert ensure_embedded(cfg) == folder and len(builds) == 1
     assert (folder / "cohort.json").stat().st_mtime_ns == stamp

@@ -20,7 +20,7 @@ from regcore.losses import (
     mse_loss,
     soft_dice_loss,
 )
-from regcore.regularizers import regularizer_terms
+from regcore.regularizers import magnitude, regularizer_terms
 from regcore.spatial import affine_to_ddf
 from tests.regcore.conftest import make_smooth_field
 
@@ -144,6 +144,9 @@ def test_adaptive_factor_schedule():
     assert adaptive_factor(49, 50) == pytest.approx(0.01)  # 0.1 * 1/50 = 0.002, floored
 
 
+MM1 = (1.0, 1.0, 1.0)  # 1 mm voxels
+
+
 def _cfg(variant: str, **loss_changes) -> Config:
     cfg = Config(variant=variant)
     return replace_section(cfg, "loss", **loss_changes) if loss_changes else cfg
@@ -166,7 +169,7 @@ def test_compute_loss_without_regularization(labels):
     # baseline: total = 0.7 Dice + 0.3 CE; the regularizers are logged (detached), weighted 0.
     out = _output(labels)
     fixed = _onehot(labels)
-    result = compute_loss(out, fixed, _cfg("baseline"), epoch=0, epochs=10)
+    result = compute_loss(out, fixed, _cfg("baseline"), epoch=0, epochs=10, spacing_mm=MM1)
     assert isinstance(result, LossBreakdown)
     assert set(result.terms) == {"dice", "ce", *REGULARIZERS} == set(result.weighted)
     expected = 0.7 * soft_dice_loss(out.warped, fixed) + 0.3 * cross_entropy_prob(out.warped, fixed)
@@ -174,7 +177,7 @@ def test_compute_loss_without_regularization(labels):
     assert result.factor == 0.0
     for name in REGULARIZERS:
         assert not result.terms[name].requires_grad
-        # |u| < 10 voxels everywhere, so only the magnitude hinge is 0
+        # |u| < 25 mm everywhere at 1 mm voxels, so only the magnitude hinge is 0
         assert result.terms[name].item() > 0 or name == "magnitude"
         assert result.weighted[name].item() == 0
     result.total.backward()
@@ -188,23 +191,38 @@ def test_compute_loss_with_regularization_uses_the_dense_field(labels):
     out = _output(labels, affine=True)
     fixed = _onehot(labels)
     cfg = _cfg("combined_enhanced")
-    result = compute_loss(out, fixed, cfg, epoch=0, epochs=10)
+    result = compute_loss(out, fixed, cfg, epoch=0, epochs=10, spacing_mm=MM1)
     assert result.factor == pytest.approx(0.1)
-    reg = regularizer_terms(out.dense_ddf_vox, cfg.loss.max_displacement_vox)
+    reg = regularizer_terms(out.dense_ddf_vox, MM1, cfg.loss.max_displacement_mm)
     for name, weight in cfg.loss.reg_weights().items():
         torch.testing.assert_close(result.terms[name], reg[name])
         torch.testing.assert_close(result.weighted[name],
                                    0.1 * DEFAULT_REG_SCALE * weight * reg[name])
-    on_total = regularizer_terms(out.total_ddf_vox)
+    on_total = regularizer_terms(out.total_ddf_vox, MM1)
     assert on_total["smooth"].item() != pytest.approx(result.terms["smooth"].item())
     torch.testing.assert_close(result.total, sum(result.weighted.values()))
     result.total.backward()
     assert out.dense_ddf_vox.grad.abs().sum() > 0
 
 
+def test_compute_loss_magnitude_threshold_is_in_mm(labels):
+    # the same field in voxels at 1 mm stays under 25 mm; at 8 mm voxels (up to ~9 voxels x 8)
+    # it passes the threshold, and per batch item spacings are taken as given
+    out, fixed = _output(labels), _onehot(labels)
+    cfg = _cfg("regloss")
+    at_1mm = compute_loss(out, fixed, cfg, epoch=0, epochs=10, spacing_mm=MM1)
+    at_8mm = compute_loss(out, fixed, cfg, epoch=0, epochs=10, spacing_mm=(8.0, 8.0, 8.0))
+    per_item = compute_loss(out, fixed, cfg, epoch=0, epochs=10,
+                            spacing_mm=torch.tensor([[8.0] * 3, [8.0] * 3]))
+    assert at_1mm.terms["magnitude"].item() == 0 and at_8mm.terms["magnitude"].item() > 0
+    torch.testing.assert_close(per_item.terms["magnitude"], at_8mm.terms["magnitude"])
+    expected = magnitude(out.dense_ddf_vox, (8.0, 8.0, 8.0), cfg.loss.max_displacement_mm)
+    torch.testing.assert_close(at_8mm.terms["magnitude"], expected)
+
+
 def test_compute_loss_factor_without_adaptive_schedule(labels):
     result = compute_loss(_output(labels), _onehot(labels), _cfg("regloss", adaptive=False),
-                          epoch=5, epochs=10)
+                          epoch=5, epochs=10, spacing_mm=MM1)
     assert result.factor == 1.0
     torch.testing.assert_close(result.weighted["bending"],
                                DEFAULT_REG_SCALE * 0.005 * result.terms["bending"])
@@ -212,14 +230,17 @@ def test_compute_loss_factor_without_adaptive_schedule(labels):
 
 def test_reg_scale_multiplies_every_regularizer_and_one_gives_the_study_weights(labels):
     out, fixed = _output(labels), _onehot(labels)
-    study = compute_loss(out, fixed, _cfg("regloss", reg_scale=1.0), epoch=0, epochs=10)
-    scaled = compute_loss(out, fixed, _cfg("regloss", reg_scale=40.0), epoch=0, epochs=10)
+    study = compute_loss(out, fixed, _cfg("regloss", reg_scale=1.0), epoch=0, epochs=10,
+                         spacing_mm=MM1)
+    scaled = compute_loss(out, fixed, _cfg("regloss", reg_scale=40.0), epoch=0, epochs=10,
+                          spacing_mm=MM1)
     for name, weight in STUDY_REG_WEIGHTS.items():
         torch.testing.assert_close(study.weighted[name], 0.1 * weight * study.terms[name])
         torch.testing.assert_close(scaled.weighted[name], 40.0 * study.weighted[name])
     for name in ("dice", "ce"):  # the similarity is not scaled
         torch.testing.assert_close(scaled.weighted[name], study.weighted[name])
-    off = compute_loss(out, fixed, _cfg("regloss", reg_scale=0.0), epoch=0, epochs=10)
+    off = compute_loss(out, fixed, _cfg("regloss", reg_scale=0.0), epoch=0, epochs=10,
+                       spacing_mm=MM1)
     assert all(off.weighted[name].item() == 0 for name in REGULARIZERS)
 
 
@@ -228,7 +249,7 @@ def test_compute_loss_intensity(image):
                                                       "loss.mse_weight": 0.5})
     warped = (image + 0.1).requires_grad_(True)
     out = SimpleNamespace(warped=warped, dense_ddf_vox=torch.zeros(2, 3, *SHAPE, dtype=torch.float64))
-    result = compute_loss(out, image, cfg, epoch=0, epochs=1)
+    result = compute_loss(out, image, cfg, epoch=0, epochs=1, spacing_mm=MM1)
     assert {"mse", "ncc"} <= set(result.terms) and "dice" not in result.terms
     expected = 0.5 * 0.01 + 1.0 * local_ncc_loss(warped, image, window=9)
     torch.testing.assert_close(result.total, expected)

@@ -1,8 +1,11 @@
-"""regcore.metrics: closed forms, a brute-force surface-distance oracle, evaluate_pair."""
+"""regcore.metrics: closed forms, a brute-force surface-distance oracle, Learn2Reg's values,
+evaluate_pair."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,10 @@ from regcore.metrics import (
     folding_pct,
     global_ncc,
     hd95_mm,
+    l2r_scores,
+    labels_missing,
     mse,
+    ndv_pct,
     plausibility,
     sdlogj,
     sdlogj_l2r,
@@ -68,10 +74,15 @@ def test_dice_after_warping_back_is_one():
     assert dice == {1: 1.0, 3: 1.0}
 
 
-def test_dice_label_missing_from_one_map_is_zero():
-    a = _box_seg()
-    b = np.where(a == 3, 0, a)
-    assert dice_per_label(a, b, labels=[3]) == {3: 0.0}
+def test_dice_of_a_structure_that_vanished_or_appeared():
+    seg = _box_seg()
+    erased = np.where(seg == 3, 0, seg)
+    # vanished from the warped map: no overlap, the worst Dice
+    assert dice_per_label(erased, seg, labels=[3]) == {3: 0.0}
+    # absent from the fixed map: no reference to overlap, NaN (as Learn2Reg), counted below
+    assert math.isnan(dice_per_label(seg, erased, labels=[3])[3])
+    assert labels_missing(erased, seg) == 1 and labels_missing(seg, erased) == 1
+    assert labels_missing(seg, seg) == 0  # labels 2 and 4 are absent from both: not missing
 
 
 # --- HD95 --------------------------------------------------------------------------------------
@@ -117,6 +128,15 @@ def test_hd95_matches_a_distance_transform_oracle():
     assert hd95_mm(a, b, spacing_mm=spacing) == pytest.approx(np.mean(per_label))
 
 
+def test_hd95_of_a_structure_that_vanished_or_appeared_is_infinite():
+    # label 3 erased from one map: infinitely far, and so is the mean over labels (before,
+    # the label was skipped and the erased map scored better than a displaced one)
+    seg = _box_seg()
+    erased = np.where(seg == 3, 0, seg)
+    assert hd95_mm(erased, seg) == math.inf and hd95_mm(seg, erased) == math.inf
+    assert hd95_mm(erased, seg, labels=[1]) == 0.0
+
+
 def test_surface_is_the_one_voxel_shell():
     # a 4^3 box: 64 voxels, 2^3 = 8 interior ones, so 56 surface voxels
     box = np.zeros((8, 8, 8), dtype=bool)
@@ -138,10 +158,36 @@ def test_sdlogj_closed_form():
     u, det_per_slice = _slab_fold(16)
     logs = np.log(np.clip(det_per_slice, 1e-9, None))  # the fold enters as log(1e-9)
     assert sdlogj(u) == pytest.approx(np.std(logs))
-    assert sdlogj_l2r(u) == pytest.approx(np.std(np.log(det_per_slice + 3)))
+    # Learn2Reg crops 2 voxels from every side: slices 2..13 of 16 (the crop of H and W keeps
+    # the per-slice values); without the crop the four border slices (det J = 1) would count
+    assert sdlogj_l2r(u) == pytest.approx(np.std(np.log(det_per_slice[2:-2] + 3)), rel=1e-12)
+    assert sdlogj_l2r(u) != pytest.approx(np.std(np.log(det_per_slice + 3)), rel=1e-3)
     # u = A x with constant det J: SDlogJ = 0
     x = np.stack(np.meshgrid(*[np.arange(8.0)] * 3, indexing="ij"))
     assert sdlogj(0.3 * x) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ndv_finds_the_fold_central_differences_miss():
+    # u_D = a (-1)^x_D on slices 2..5 of 8 (0 elsewhere), a = 0.75: the central differences
+    # skip the voxel itself, so det J = 1 + {0, a/2, -a/2} > 0 everywhere (folding 0 %), but the
+    # cubes between slices 2-3 and 4-5 are stretched along D by 1 + u(x+1) - u(x) = 1 - 2a =
+    # -0.5: every tetrahedron of those cubes is inverted with half its volume, so NDV =
+    # 100 x (2 cubes x 0.5) / 7 cubes along D.
+    a = 0.75
+    u = np.zeros((3, 8, 6, 6))
+    u[0, 2:6] = a * np.array([1.0, -1.0, 1.0, -1.0]).reshape(4, 1, 1)
+    assert folding_pct(u) == 0.0
+    assert ndv_pct(u) == pytest.approx(100 * 2 * 0.5 / 7, rel=1e-12)
+
+
+def test_ndv_closed_forms():
+    x = np.stack(np.meshgrid(*[np.arange(6.0)] * 3, indexing="ij"))
+    assert ndv_pct(np.zeros((3, 6, 6, 6))) == 0.0
+    assert ndv_pct(0.3 * x) == 0.0  # affine, det(I + A) > 0: nothing folds
+    mirror = np.zeros_like(x)
+    mirror[0] = -2 * x[0]  # x_D -> -x_D: every tetrahedron inverted, at its full volume
+    assert ndv_pct(mirror) == pytest.approx(100.0, rel=1e-12)
+    assert ndv_pct(torch.from_numpy(mirror)[None]) == pytest.approx(100.0, rel=1e-12)
 
 
 def test_plausibility_formula():
@@ -174,6 +220,37 @@ def test_global_ncc_and_mse():
     assert mse(a, a + 0.5) == pytest.approx(0.25)
 
 
+# --- Learn2Reg's definitions -------------------------------------------------------------------
+# tests/fixtures/l2r: a copy of shared/fixtures/l2r (values computed by the Learn2Reg evaluation
+# code on three 32^3 cases; its README gives the definitions). Case 2 has label 2 erased.
+L2R_FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "l2r"
+L2R_EXPECTED = json.loads((L2R_FIXTURES / "expected.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(L2R_EXPECTED))
+def test_l2r_scores_match_learn2regs_values(case):
+    expected = L2R_EXPECTED[case]
+    arrays = np.load(L2R_FIXTURES / f"{case}.npz")
+    labels = expected["labels"]
+    got = l2r_scores(arrays["fixed_seg"], arrays["moving_seg"], arrays["warped_seg"],
+                     np.moveaxis(arrays["disp_vox"], -1, 0), labels)  # (D, H, W, 3) -> (3, ...)
+    for key in ("dice_mean", "hd95_mean_vox", "sdlogj"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-6, rel=0), key
+    for key in ("dice_per_label", "hd95_per_label_vox"):
+        values = [got[key][label] for label in labels]
+        np.testing.assert_allclose(values, expected[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+def test_l2r_scores_labels_absent_from_fixed_or_moving_are_nan():
+    seg = _box_seg()
+    erased = np.where(seg == 3, 0, seg)
+    u = np.zeros((3, 16, 16, 16))
+    for fixed, moving in ((erased, seg), (seg, erased)):
+        got = l2r_scores(fixed, moving, seg, u, [1, 3])
+        assert math.isnan(got["dice_per_label"][3]) and math.isnan(got["hd95_per_label_vox"][3])
+        assert got["dice_mean"] == 1.0 and got["hd95_mean_vox"] == 0.0
+
+
 # --- evaluate_pair -----------------------------------------------------------------------------
 @pytest.fixture
 def pair():
@@ -198,14 +275,16 @@ def test_evaluate_pair_columns_and_values(pair):
     assert math.isnan(row["dice_subcortical"])  # label 2 absent from both
     # before: label 1 overlap 4*4*2 = 32 of 64+64 -> 0.5; label 3 shifted by its full width -> 0
     assert row["dice_before_mean"] == pytest.approx(0.25)
-    assert row["hd95_mm"] == 0.0
+    assert row["hd95_mm"] == 0.0 and row["labels_missing"] == 0.0
     assert row["folding_pct"] == 0.0 and row["sdlogj"] == 0.0 and row["plausibility"] == 1.0
+    assert row["ndv_pct"] == 0.0
+    assert row["l2r_dice_mean"] == 1.0 and row["l2r_hd95_vox"] == 0.0 and row["l2r_sdlogj"] == 0.0
     assert row["disp_mean_vox"] == 2.0 and row["disp_max_mm"] == 3.0  # 2 voxels x 1.5 mm
     assert row["mse_after"] == 0.0 and row["mse_improvement_pct"] == 100.0
     assert row["ncc_after"] == pytest.approx(1.0)
     expected_ncc_gain = 100 * (1.0 - row["ncc_before"]) / abs(row["ncc_before"])
     assert row["ncc_improvement_pct"] == pytest.approx(expected_ncc_gain)
-    assert math.isnan(row["true_error_mm"])
+    assert math.isnan(row["true_error_mm"]) and math.isnan(row["disp_mag_error_mm"])
 
 
 def test_evaluate_pair_true_error_and_inference_time(pair):
@@ -214,6 +293,9 @@ def test_evaluate_pair_true_error_and_inference_time(pair):
     truth[2] -= 1.0
     row = evaluate_pair(**pair, true_ddf_vox=truth, inference_s=0.25)
     assert row["true_error_mm"] == pytest.approx(1.5)
+    # lengths over the brain: predicted 2 voxels x 1.5 mm = 3 mm, true 1 x 1.5 = 1.5 mm
+    assert row["true_disp_mean_mm"] == pytest.approx(1.5)
+    assert row["disp_mag_error_mm"] == pytest.approx(1.5)
     assert row["inference_s"] == 0.25 and tuple(row)[:-1] == PER_PAIR_COLUMNS
     assert evaluate_pair(**pair, true_ddf_vox=pair["ddf_vox"])["true_error_mm"] == 0.0
 
@@ -250,6 +332,14 @@ SEG = np.zeros((8, 8, 8), dtype=np.int64)
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_evaluate_pair_scores_an_erased_structure_as_the_worst_case(pair):
+    pair["warped_seg"] = np.where(pair["warped_seg"] == 3, 0, pair["warped_seg"])
+    row = evaluate_pair(**pair)
+    assert row["labels_missing"] == 1.0
+    assert row["hd95_mm"] == math.inf and row["l2r_hd95_vox"] == math.inf
+    assert row["dice_white_matter"] == 0.0 and row["dice_mean"] == 0.5
 
 
 def test_evaluate_pair_rejects_a_field_of_the_wrong_size(pair):

@@ -45,7 +45,7 @@ def a_matrix():
 
 def test_names_match_the_config():
     assert tuple(REGULARIZER_FNS) == REGULARIZERS
-    terms = regularizer_terms(make_smooth_field(SHAPE, seed=1))
+    terms = regularizer_terms(make_smooth_field(SHAPE, seed=1), (1.0, 1.0, 1.0))
     assert tuple(terms) == REGULARIZERS
     assert all(t.ndim == 0 for t in terms.values())
 
@@ -73,19 +73,39 @@ def test_smoothness_of_a_translation_is_zero():
 
 # --- magnitude ---------------------------------------------------------------------------------
 def test_magnitude_hinge_closed_form():
-    # |u| = 13 in half of the volume (u = (5, 12, 0): 5-12-13) and 3 in the other half:
-    # relu(13 - 10)^2 = 9 on half the voxels, 0 elsewhere -> mean 4.5.
+    # |u| = 13 voxels in half of the volume (u = (5, 12, 0): 5-12-13) and 3 in the other half.
+    # At 2 mm voxels that is 26 mm and 6 mm; threshold 20 mm: relu(26/20 - 1)^2 = 0.09 on half
+    # the voxels, 0 elsewhere -> mean 0.045.
     u = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64)
     u[:, 0, :2], u[:, 1, :2] = 5.0, 12.0
     u[:, 2, 2:] = 3.0
-    torch.testing.assert_close(magnitude(u, 10.0), torch.tensor(4.5, dtype=torch.float64))
-    assert magnitude(u, 13.0) == 0
-    assert magnitude(u) == magnitude(u, 10.0)
+    torch.testing.assert_close(magnitude(u, (2.0, 2.0, 2.0), 20.0),
+                               torch.tensor(0.045, dtype=torch.float64))
+    assert magnitude(u, (2.0, 2.0, 2.0), 26.0) == 0
+    assert magnitude(u, (2.0, 2.0, 2.0)) == magnitude(u, (2.0, 2.0, 2.0), 25.0)  # the default
+
+
+def test_magnitude_is_the_same_on_any_grid():
+    # the same physical field on a grid twice as fine: twice the voxels, half the spacing
+    u = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64)
+    u[:, 1, :2] = 10.0  # 10 voxels x 3 mm = 30 mm -> relu(30/15 - 1)^2 = 1 on half the volume
+    fine = 2 * torch.nn.functional.interpolate(u, scale_factor=2, mode="nearest")
+    coarse_value = magnitude(u, (3.0, 3.0, 3.0), 15.0)
+    torch.testing.assert_close(coarse_value, torch.tensor(0.5, dtype=torch.float64))
+    torch.testing.assert_close(magnitude(fine, (1.5, 1.5, 1.5), 15.0), coarse_value)
+
+
+def test_magnitude_scales_each_axis_by_its_spacing_and_batch_item():
+    u = torch.zeros(2, 3, 4, 4, 4, dtype=torch.float64)
+    u[:, 2] = 10.0  # along W only
+    spacing = torch.tensor([[9.0, 9.0, 3.0], [1.0, 1.0, 6.0]], dtype=torch.float64)
+    # item 0: 30 mm -> 1; item 1: 60 mm -> relu(4 - 1)^2 = 9; mean 5
+    torch.testing.assert_close(magnitude(u, spacing, 15.0), torch.tensor(5.0, dtype=torch.float64))
 
 
 def test_magnitude_gradient_is_finite_at_zero_displacement():
     u = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)
-    magnitude(u, 0.0).backward()
+    magnitude(u, (1.0, 1.0, 1.0), 1e-9).backward()
     assert torch.isfinite(u.grad).all()
 
 
@@ -94,27 +114,36 @@ def test_rigidity_of_a_constant_field_is_zero():
     assert rigidity(torch.full((1, 3, *SHAPE), -2.5)) == 0
 
 
-def test_rigidity_of_a_linear_field_is_zero_inside(a_matrix):
-    # The 3x3x3 mean of a linear function is its centre value, so only the border voxels (where
-    # the replicated edge breaks linearity) contribute; hence rigidity > 0 but tiny compared with
-    # a field that varies at the voxel scale.
-    u = linear_field(a_matrix, SHAPE)
-    noisy = u + 0.5 * torch.randn(u.shape, generator=torch.Generator().manual_seed(2),
-                                  dtype=torch.float64)
-    assert rigidity(u) < 0.1 * rigidity(noisy)
+def test_rigidity_of_any_affine_field_is_zero_edges_included(a_matrix):
+    # The 27-point mean of an affine function is its centre value; evaluated only where the
+    # whole neighbourhood lies in the volume, nothing else enters (before: the replicated edge
+    # broke the linearity and an affine field scored more than a non-affine one).
+    u = linear_field(a_matrix, SHAPE) + torch.tensor([1.5, -2.0, 0.25],
+                                                     dtype=torch.float64).reshape(1, 3, 1, 1, 1)
+    assert rigidity(u).item() == pytest.approx(0.0, abs=1e-24)
+    big = linear_field(torch.eye(3, dtype=torch.float64) * -3.0, (4, 3, 5))
+    assert rigidity(big).item() == pytest.approx(0.0, abs=1e-24)
+
+
+def test_rigidity_of_a_quadratic_field_closed_form():
+    # u_D = x_D^2: the mean of (x-1)^2, x^2, (x+1)^2 is x^2 + 2/3, so u - mean = -2/3 on the
+    # D channel and 0 on the other two: rigidity = (2/3)^2 / 3 = 4/27.
+    x = _grid()
+    u = torch.zeros(1, 3, *SHAPE, dtype=torch.float64)
+    u[0, 0] = x[0] ** 2
+    torch.testing.assert_close(rigidity(u), torch.tensor(4 / 27, dtype=torch.float64))
 
 
 def test_rigidity_matches_an_explicit_neighbourhood_loop():
-    # Independent slow oracle: for every voxel, the mean over its 27 neighbours with the edge
-    # clamped (= replicate padding), squared deviation, mean over channels and voxels.
+    # Independent slow oracle: for every voxel at least 1 from every side, the mean over its 27
+    # neighbours, squared deviation, mean over channels and those voxels.
     u = make_smooth_field((5, 6, 7), amplitude_vox=1.0, seed=3, coarse=5).numpy()[0]
     d, h, w = u.shape[1:]
     total = 0.0
-    for x, y, z in itertools.product(range(d), range(h), range(w)):
-        nb = [u[:, min(max(x + i, 0), d - 1), min(max(y + j, 0), h - 1), min(max(z + k, 0), w - 1)]
-              for i, j, k in itertools.product((-1, 0, 1), repeat=3)]
+    for x, y, z in itertools.product(range(1, d - 1), range(1, h - 1), range(1, w - 1)):
+        nb = [u[:, x + i, y + j, z + k] for i, j, k in itertools.product((-1, 0, 1), repeat=3)]
         total += ((u[:, x, y, z] - np.mean(nb, axis=0)) ** 2).sum()
-    expected = total / (3 * d * h * w)
+    expected = total / (3 * (d - 2) * (h - 2) * (w - 2))
     assert rigidity(torch.from_numpy(u[None])).item() == pytest.approx(expected, rel=1e-10)
 
 
@@ -208,7 +237,8 @@ def test_every_regularizer_gradient_reaches_the_field(name):
     u = make_smooth_field((12, 12, 12), amplitude_vox=3.0, seed=6, coarse=5,
                           dtype=torch.float32).requires_grad_(True)
     fn = REGULARIZER_FNS[name]
-    value = fn(u, 1.0) if name == "magnitude" else fn(u)  # threshold 1 so the hinge is active
+    # threshold 1 mm at 1 mm voxels so the hinge is active
+    value = fn(u, (1.0, 1.0, 1.0), 1.0) if name == "magnitude" else fn(u)
     assert value.ndim == 0 and value.item() > 0
     value.backward()
     assert torch.isfinite(u.grad).all()
@@ -230,10 +260,18 @@ DDF = torch.zeros(1, 3, 8, 8, 8)
      r"^expected ddf of shape \(B, 3, D, H, W\), got \(1, 2, 8, 8, 8\)"),
     (lambda: rigidity(torch.zeros(3, 8, 8, 8)), ValueError,
      r"^expected ddf of shape \(B, 3, D, H, W\), got \(3, 8, 8, 8\)"),
-    (lambda: magnitude(DDF, -1.0), ValueError,
-     r"^max_displacement_vox == -1.0, must be a finite number >= 0"),
-    (lambda: magnitude(DDF, float("nan")), ValueError, r"^max_displacement_vox == nan"),
-    (lambda: magnitude(DDF, "10"), ValueError, r"^max_displacement_vox == '10'"),
+    (lambda: magnitude(DDF, (1.0, 1.0, 1.0), -1.0), ValueError,
+     r"^max_displacement_mm == -1.0, must be a finite number > 0"),
+    (lambda: magnitude(DDF, (1.0, 1.0, 1.0), 0.0), ValueError, r"^max_displacement_mm == 0.0"),
+    (lambda: magnitude(DDF, (1.0, 1.0, 1.0), float("nan")), ValueError,
+     r"^max_displacement_mm == nan"),
+    (lambda: magnitude(DDF, (1.0, 1.0, 1.0), "10"), ValueError, r"^max_displacement_mm == '10'"),
+    (lambda: magnitude(DDF, (1.0, 1.0)), ValueError,
+     r"^expected spacing_mm of shape \(3,\) or \(1, 3\), got \(1, 2\)"),
+    (lambda: magnitude(DDF, (1.0, 0.0, 1.0)), ValueError,
+     r"^spacing_mm == \[\[1.0, 0.0, 1.0\]\], must be positive finite numbers"),
+    (lambda: rigidity(torch.zeros(1, 3, 8, 2, 8)), ValueError,
+     r"^expected every spatial size of ddf >= 3, got \(8, 2, 8\)"),
     (lambda: bending_energy(torch.zeros(1, 3, 8, 2, 8)), ValueError,
      r"^expected every spatial size of ddf >= 3, got \(8, 2, 8\)"),
     (lambda: jacobian_penalty(DDF, margin=0.0), ValueError,

@@ -4,9 +4,11 @@ nothing created (no mlflow.db, no Ray results, no report). Plus the pure helpers
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,7 +63,45 @@ BAD_INPUTS = [
     (["--resume", "--preset", "quick"], "--resume: --preset quick differs from the sweep's "
                                         "preset smoke"),
     (["--resume", "--epochs", "7"], "--resume: train.epochs == 7 differs from the sweep's 2"),
+    # outside resources, each probed with a bounded timeout before anything starts
+    (["--address", "127.0.0.1:{port}"], "--address 127.0.0.1:{port}: no Ray cluster reachable "
+                                        "at 127.0.0.1:{port} (Connection refused)"),
+    (["--address", "auto"], "--address auto: no running Ray cluster found"),
+    (["--address", "localhost"], "--address 'localhost', expected auto, HOST:PORT or ray://"),
+    (["--address", "127.0.0.1:99999"], "--address '127.0.0.1:99999', expected auto"),
+    (["--address", "http://127.0.0.1:6379"], "unknown scheme 'http'"),
+    (["--tracking-uri", "sqlite:///notadb.db"], "notadb.db is not an SQLite database"),
+    (["--tracking-uri", "sqlite:///foreign.db"], "foreign.db is an SQLite database but not an "
+                                                 "MLflow store"),
+    (["--tracking-uri", "sqlite:///empty"], "empty is a directory, expected a database file"),
+    (["--tracking-uri", "sqlite:///no/such/mlflow.db"], "directory"),
+    (["--tracking-uri", "ftp://127.0.0.1/mlflow"], "--tracking-uri == 'ftp://127.0.0.1/mlflow', "
+                                                   "expected sqlite:///FILE"),
+    (["--tracking-uri", "mlflow.db"], "expected sqlite:///FILE"),
+    (["--tracking-uri", "postgresql://u:hunter2@127.0.0.1:{port}/mlflow"],
+     "tracking database postgresql://127.0.0.1:{port}/mlflow is unreachable"),
+    (["--preset", "smoke", "--data-dir", "corrupt"],
+     "aligned_seg4.nii.gz: unreadable NIfTI file"),
+    (["--data-dir", "noseg"], "aligned_seg4.nii.gz: missing"),
+    (["--data-dir", "listed.txt"], "missing, listed in"),
 ]
+
+
+def _outside_resources(root: Path) -> None:
+    """The broken stores and data of the table: a text file and a foreign database where the
+    tracking store should be, data folders with an unreadable or a missing label map."""
+    import sqlite3
+
+    (root / "notadb.db").write_text("this is not a database\n" * 80)
+    with sqlite3.connect(root / "foreign.db") as db:
+        db.execute("CREATE TABLE accounts (id INTEGER)")
+    for name in ("0016", "0001", "0002", "0003", "0004"):
+        folder = root / "corrupt" / f"OASIS_OAS1_{name}_MR1"
+        folder.mkdir(parents=True)
+        (folder / "aligned_seg4.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI")
+    (root / "noseg" / "OASIS_OAS1_0001_MR1").mkdir(parents=True)
+    (root / "noseg" / "OASIS_OAS1_0001_MR1" / "aligned_norm.nii.gz").write_bytes(b"")
+    (root / "listed.txt").write_text("gone/seg4_onehot.npy\n")
 
 
 @pytest.mark.parametrize("argv,expected", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
@@ -72,10 +112,14 @@ def test_bad_input_one_line_exit_2_nothing_created(tmp_path, argv, expected):
     if argv[0] == "--resume" and len(argv) > 1:
         _write_state(tmp_path)
     (tmp_path / "empty").mkdir()
+    _outside_resources(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path),
+           "RAY_TMPDIR": str(tmp_path / "raytmp")}  # no cluster for `auto` to find
+    started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ABLATION), *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
+    assert time.perf_counter() - started < 30
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -84,6 +128,82 @@ def test_bad_input_one_line_exit_2_nothing_created(tmp_path, argv, expected):
     assert "hunter2" not in proc.stderr
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert after == before  # no mlflow.db, no ray_results, no reports
+
+
+def _run_bad(tmp_path, *argv, **extra_env) -> tuple[subprocess.CompletedProcess, float]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path),
+           "RAY_TMPDIR": str(tmp_path / "raytmp"), **extra_env}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ABLATION), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    return proc, time.perf_counter() - started
+
+
+class _Listener:
+    """A local HTTP server answering 404 to everything: a port that listens but is neither
+    an MLflow server nor a Ray head."""
+
+    def __enter__(self):
+        import http.server
+        import threading
+
+        class NotFound(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the stdlib's name
+                self.send_error(404)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        return self.server.server_address[1]
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_tracking_uri_that_is_not_an_mlflow_server_is_one_line(tmp_path):
+    with _Listener() as port:
+        proc, elapsed = _run_bad(tmp_path, "--preset", "smoke", "--tracking-uri",
+                                 f"http://127.0.0.1:{port}")
+    assert proc.returncode == 2 and elapsed < 30, proc.stderr
+    assert proc.stderr.strip() == (f"sweeps/ablation.py: error: tracking server "
+                                   f"http://127.0.0.1:{port} answered HTTP 404 at /health, "
+                                   f"expected 200 (is it an MLflow server?)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_an_address_that_listens_but_is_no_ray_head_gives_up_in_time(tmp_path):
+    """Ray's ray.init would wait for minutes in C++ printing GCS warnings; the join watchdog
+    ends it with one line (its limit shortened here to 5 s)."""
+    with _Listener() as port:
+        proc, elapsed = _run_bad(tmp_path, "--preset", "smoke", "--address",
+                                 f"127.0.0.1:{port}", REGABLATE_RAY_JOIN_TIMEOUT_S="5")
+    assert proc.returncode == 2, proc.stderr
+    assert elapsed < 30
+    assert proc.stderr.strip() == (f"sweeps/ablation.py: error: --address 127.0.0.1:{port}: no "
+                                   f"Ray cluster answered within 5 s (is it a Ray head's GCS "
+                                   f"port?)"), proc.stderr[-2000:]
+    assert proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_store_directory_without_write_permission_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        proc, _ = _run_bad(tmp_path, "--preset", "smoke", "--tracking-uri",
+                           f"sqlite:///{locked}/mlflow.db")
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert "no permission to write the store" in proc.stderr.strip()
+    assert list(locked.iterdir()) == []
 
 
 def test_redact_uri_strips_credentials():

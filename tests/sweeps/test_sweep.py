@@ -89,6 +89,10 @@ def test_smoke_sweep_end_to_end(sweep_env):
         assert params["loss.regularize"] == str(variant.regularize)
         if not variant.regularize:
             assert all(float(params[f"loss.{n}_weight"]) == 0.0 for n in REGULARIZERS)
+        inputs = run.inputs.dataset_inputs
+        assert len(inputs) == 1, run.info.run_name  # once per run, not per attempt
+        assert inputs[0].dataset.name.startswith("embedded-mni152_32x32x32")
+        assert len(inputs[0].dataset.digest) == 16
         if run in search:
             continue  # ASHA may stop a search trial after its first epoch
         assert _epoch_steps(client, run) == [1, 2]
@@ -100,6 +104,29 @@ def test_smoke_sweep_end_to_end(sweep_env):
         assert {"per_pair.csv", "example.npz", "checkpoint"} <= artifacts
         assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == \
             ["checkpoint/state.pt"]
+
+    assert len({r.inputs.dataset_inputs[0].dataset.digest for r in children}) == 1
+    assert [d.dataset.digest for d in parent.inputs.dataset_inputs] == \
+        [children[0].inputs.dataset_inputs[0].dataset.digest]  # the parent row shows it too
+    assert (f"MLflow UI: http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}"
+            f"?workflowType=machine_learning") in proc.stdout
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.html", "report/summary.csv"} <= report_files
+    assert any(p.endswith(".png") for p in report_files), report_files
+
+    # the live view, as plain lines (stdout is a pipe here); Ray's output in ray.log only
+    ray_log = sweep_env.workdir / "ray_results" / "smoke-e2e" / "ray.log"
+    assert proc.stdout.splitlines()[0].endswith(f"Ray's output: {ray_log}")
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("sweep ")
+                and " done, " in line]
+    assert progress[-1].startswith("sweep 6/6 done, 0 running, 0 failed | "), progress
+    assert "best val.dice_mean 0." in progress[-1] and "ETA 0m00s" in progress[-1]
+    assert "\r" not in proc.stdout and "\x1b[" not in proc.stdout
+    for noise in ("== Status ==", "Checkpoint successfully created", "Trial name"):
+        assert noise not in proc.stdout and noise not in proc.stderr, noise
+    assert "== Status ==" in ray_log.read_text()
 
     # the reference rows: one child run tagged role=reference with reference.csv
     refs = client.search_runs([parent.info.experiment_id],
