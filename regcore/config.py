@@ -57,6 +57,8 @@ SPACES = ("aligned", "scanner")
 BACKBONES = ("vxm", "seed")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "amp")
+LR_SCHEDULES = ("constant", "cosine")
+PAIR_INPUTS = ("images", "demons", "demons2", "demons3")
 
 
 def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
@@ -144,6 +146,25 @@ class ModelConfig:
     int_steps: int = 7
     #: the affine stage (the study's first factor); None: the variant's (regcore.variants)
     affine: bool | None = None
+    #: the flow predicted on a grid 2^flow_levels coarser (the decoder stops that many
+    #: upsamplings short) and upsampled trilinearly; 0 = full resolution (vxm backbone only)
+    flow_levels: int = 0
+    #: what the U-Net sees: "images" (moving, fixed), or also their Demons force
+    #: (networks.demons_force, 3 channels per image channel) on 1, 2 or 3 scales: "demons",
+    #: "demons2", "demons3"
+    pair_input: str = "images"
+    #: the U-Net applied this many times (shared weights), each pass to the pair as registered
+    #: by the passes before; the residual fields compose (with `diffeomorphic`, each pass's
+    #: velocity is integrated; `velocity_vox` is the first pass's)
+    passes: int = 1
+    #: soft bound B on each pass's flow, B tanh(flow / B), in voxels of the flow's grid (0: none)
+    max_flow_vox: float = 0.0
+    #: instance optimisation after the network at test time (regcore.instance): Adam steps
+    #: on the network's field per test pair (0 = off), its learning rate (voxels per step) and
+    #: the diffusion weight it adds to the configured loss
+    refine_steps: int = 0
+    refine_lr: float = 0.1
+    refine_smooth_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("model.backbone", self.backbone, BACKBONES)
@@ -158,6 +179,13 @@ class ModelConfig:
         if not isinstance(self.diffeomorphic, bool):
             _fail("model.diffeomorphic", self.diffeomorphic, "true or false")
         _check_number("model.int_steps", self.int_steps, lo=1, hi=20, integer=True)
+        _check_choice("model.pair_input", self.pair_input, PAIR_INPUTS)
+        _check_number("model.passes", self.passes, lo=1, hi=4, integer=True)
+        _check_number("model.max_flow_vox", self.max_flow_vox, lo=0)
+        _check_number("model.flow_levels", self.flow_levels, lo=0, hi=3, integer=True)
+        _check_number("model.refine_steps", self.refine_steps, lo=0, hi=100000, integer=True)
+        _check_number("model.refine_lr", self.refine_lr, lo=0, lo_open=True, hi=10.0)
+        _check_number("model.refine_smooth_weight", self.refine_smooth_weight, lo=0)
 
 
 @dataclass(frozen=True)
@@ -228,6 +256,19 @@ class TrainConfig:
     precision: str = "fp32"
     num_threads: int = 0  # 0 = all cores available to the process
     eval_repeats: int = 3  # inference-time repeats per pair (median reported)
+    #: learning-rate schedule over the run's steps: linear warm-up over `warmup_steps`, then
+    #: constant or a cosine decay to `lr_final_frac` x lr at the last step
+    lr_schedule: str = "constant"
+    #: one multiplier on the learning rate in force (the explicit one or the variant's), so a
+    #: recipe can raise every cell's rate and keep the study's ratios between them
+    lr_scale: float = 1.0
+    warmup_steps: int = 0
+    lr_final_frac: float = 0.05
+    #: on-the-fly augmentation: the share of training pairs replaced by a random ordered pair
+    #: of two training subjects (the atlas among them), and a left-right flip of both images
+    #: of a pair with probability 1/2 (array axis 0: the embedded and Neurite grids are RAS)
+    augment_pairs: float = 0.0
+    augment_flip: bool = False
     fail_at_epoch: int = 0
     nan_at_epoch: int = 0
 
@@ -244,6 +285,13 @@ class TrainConfig:
         _check_choice("train.precision", self.precision, PRECISIONS)
         _check_number("train.num_threads", self.num_threads, lo=0, integer=True)
         _check_number("train.eval_repeats", self.eval_repeats, lo=1, integer=True)
+        _check_choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_number("train.lr_scale", self.lr_scale, lo=0, lo_open=True, hi=100.0)
+        _check_number("train.warmup_steps", self.warmup_steps, lo=0, integer=True)
+        _check_number("train.lr_final_frac", self.lr_final_frac, lo=0, hi=1.0)
+        _check_number("train.augment_pairs", self.augment_pairs, lo=0, hi=1.0)
+        if not isinstance(self.augment_flip, bool):
+            _fail("train.augment_flip", self.augment_flip, "true or false")
         _check_number("train.fail_at_epoch", self.fail_at_epoch, lo=0, integer=True)
         _check_number("train.nan_at_epoch", self.nan_at_epoch, lo=0, integer=True)
 
@@ -283,10 +331,12 @@ class Config:
 
     @property
     def lr(self) -> float:
-        """The learning rate in force: the explicit one, else the variant's (study default)."""
+        """The learning rate in force: the explicit one, else the variant's (study default),
+        times `train.lr_scale`."""
         if self.train.lr is not None:
-            return self.train.lr
-        return VARIANTS[self.variant].lr if self.variant in VARIANTS else _DEFAULT_LR
+            return self.train.lr * self.train.lr_scale
+        base = VARIANTS[self.variant].lr if self.variant in VARIANTS else _DEFAULT_LR
+        return base * self.train.lr_scale
 
     def in_force(self) -> "Config":
         """The config with every derived value written out: the factors and the learning rate
@@ -294,7 +344,7 @@ class Config:
         (what a run trains with, as MLflow shows it)."""
         flat = self.to_flat()
         flat.update({"model.affine": self.affine, "loss.regularize": self.regularize,
-                     "train.lr": self.lr})
+                     "train.lr": self.lr, "train.lr_scale": 1.0})
         if not self.regularize:
             flat.update({f"loss.{name}_weight": 0.0 for name in REGULARIZERS})
         return Config.from_flat(flat)

@@ -30,7 +30,7 @@ from regcore.config import Config
 from regcore.runtime import infer, median_seconds
 
 __all__ = ["PairData", "validate", "evaluate_test", "TestResult", "timed_forward",
-           "warp_labels"]
+           "warp_labels", "score_pair", "refine_output"]
 
 
 class PairData:
@@ -54,6 +54,18 @@ class PairData:
         from regcore.data import load_cohort
 
         return cls(load_cohort(config.data), config, device)
+
+    def train_subjects(self) -> list[str]:
+        """The subjects of the training pairs (the atlas included), sorted."""
+        return sorted({s for pair in self.train_pairs for s in pair})
+
+    def subject_channels(self, subject_id: str) -> torch.Tensor:
+        """(C, D, H, W) float32 model input of one subject (one-hot seg4 or its intensity)."""
+        from regcore.data.volume import one_hot
+
+        volume = self.cohort.load(subject_id)
+        array = one_hot(volume.seg4) if self.in_channels == 5 else volume.image
+        return torch.from_numpy(np.ascontiguousarray(array, np.float32))
 
     def item(self, split: str, index: int) -> dict:
         return self.sets[split][index]
@@ -144,13 +156,13 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
     import pandas as pd
 
     from regcore.io import atomic_open
-    from regcore.metrics import evaluate_pair
-    from regcore.spatial import jacobian_det, warp
+    from regcore.spatial import jacobian_det
 
     out_dir = Path(out_dir)
     model.eval()
     rows = []
     example_path = None
+    refine = config.model.refine_steps
     for index, (moving_id, fixed_id) in enumerate(data.test_pairs):
         item = data.item("test", index)
         moving_in, fixed_in = data.collate([item])
@@ -159,42 +171,19 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
         output, seconds = timed_forward(model, moving_in, fixed_in, config, device,
                                         config.train.eval_repeats)
         ddf = output.total_ddf_vox.float()  # (1, 3, D, H, W) voxels
-        warped_seg = warp_labels(item["moving_seg"][None].to(device), ddf)[0].cpu().numpy()
-        im_m = _intensity(data.cohort.load(moving_id))
-        im_f = _intensity(data.cohort.load(fixed_id))
-        if im_m is not None and im_f is not None:
-            similarity_on = "intensity"
-            moving_sim, fixed_sim = im_m[None], im_f[None]  # (1, D, H, W)
-        else:
-            similarity_on = "onehot"
-            moving_sim, fixed_sim = item["moving"].numpy(), item["fixed"].numpy()
-        with torch.inference_mode():
-            warped_sim = warp(torch.from_numpy(moving_sim)[None].to(device), ddf)[0].cpu().numpy()
-        ddf_np = ddf[0].cpu().numpy()
-        spacing_mm = item["spacing_mm"].double().numpy()
-        true_ddf = item["true_ddf_vox"].numpy() if item["has_true_ddf"] else None
-        row: dict[str, Any] = {"moving": moving_id, "fixed": fixed_id}
-        row.update(evaluate_pair(
-            moving_seg=item["moving_seg"].numpy(), fixed_seg=item["fixed_seg"].numpy(),
-            warped_seg=warped_seg, ddf_vox=ddf_np, spacing_mm=spacing_mm,
-            moving_image=moving_sim, fixed_image=fixed_sim, warped_image=warped_sim,
-            true_ddf_vox=true_ddf, inference_s=seconds))
-        row["device"] = _device_name(device)
-        row["similarity_on"] = similarity_on
+        if refine:  # instance optimisation from the network's field; its time is the method's
+            ddf, refine_s = refine_output(output, moving_in, fixed_in, config,
+                                          item["spacing_mm"].double().tolist())
+            seconds += refine_s
+        row, extra = score_pair(data, "test", index, ddf, device)
+        row["inference_s"] = seconds
         rows.append(row)
         if index == 0:
             example_path = out_dir / "example.npz"
             jac = jacobian_det(ddf)[0].cpu().numpy()
-            if similarity_on == "intensity":
-                images = (im_f, im_m, warped_sim[0])
-            else:  # label maps as integers
-                images = (item["fixed_seg"].numpy(), item["moving_seg"].numpy(), warped_seg)
             with atomic_open(example_path, "wb") as handle:
-                np.savez_compressed(
-                    handle, fixed=images[0], moving=images[1], warped=images[2],
-                    fixed_seg=item["fixed_seg"].numpy(), warped_seg=warped_seg,
-                    ddf_vox=ddf_np.astype(np.float32), jacdet=jac.astype(np.float32),
-                    spacing_mm=spacing_mm)
+                np.savez_compressed(handle, **extra, ddf_vox=ddf[0].cpu().numpy().astype(np.float32),
+                                    jacdet=jac.astype(np.float32))
     table = pd.DataFrame(rows)
     table_path = out_dir / "per_pair.csv"
     with atomic_open(table_path, "w", encoding="utf-8", newline="") as handle:
@@ -203,6 +192,68 @@ def evaluate_test(model: torch.nn.Module, data: PairData, config: Config, device
         pd.to_numeric, errors="coerce")
     means = {column: float(numeric[column].mean()) for column in numeric.columns}
     return TestResult(table=table, table_path=table_path, example_path=example_path, means=means)
+
+
+def refine_output(output: Any, moving: torch.Tensor, fixed: torch.Tensor,
+                  config: Config, spacing_mm=(1.0, 1.0, 1.0)) -> tuple[torch.Tensor, float]:
+    """(total field, seconds) of `config.model.refine_steps` steps of instance optimisation
+    started from a network's output (its dense field or velocity; its affine kept fixed)."""
+    from regcore.instance import optimise_pair
+
+    # a velocity describes the whole field only for one pass; a cascade's composed field is
+    # refined as a displacement
+    by_velocity = config.model.diffeomorphic and config.model.passes == 1
+    start = output.velocity_vox if by_velocity else output.dense_ddf_vox
+    theta = output.theta if config.affine else None
+    if config.model.diffeomorphic and not by_velocity:
+        config = config.with_overrides({"model.diffeomorphic": False})
+    with torch.inference_mode(False), torch.enable_grad():
+        result = optimise_pair(moving.clone(), fixed.clone(), config,
+                               steps=config.model.refine_steps, init=start.float().clone(),
+                               theta=None if theta is None else theta.float().clone(),
+                               spacing_mm=spacing_mm)
+    return result.total_ddf_vox, result.seconds
+
+
+def score_pair(data: PairData, split: str, index: int, ddf: torch.Tensor,
+               device: torch.device) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The per_pair.csv row of pair `index` of `split` registered by `ddf` (1, 3, D, H, W)
+    voxels (without `inference_s`), and the arrays of its example.npz (without the field)."""
+    from regcore.metrics import evaluate_pair
+    from regcore.spatial import warp
+
+    moving_id, fixed_id = data.sets[split].pairs[index]
+    item = data.item(split, index)
+    ddf = ddf.float().to(device)
+    warped_seg = warp_labels(item["moving_seg"][None].to(device), ddf)[0].cpu().numpy()
+    im_m = _intensity(data.cohort.load(moving_id))
+    im_f = _intensity(data.cohort.load(fixed_id))
+    if im_m is not None and im_f is not None:
+        similarity_on = "intensity"
+        moving_sim, fixed_sim = im_m[None], im_f[None]  # (1, D, H, W)
+    else:
+        similarity_on = "onehot"
+        moving_sim, fixed_sim = item["moving"].numpy(), item["fixed"].numpy()
+    with torch.inference_mode():
+        warped_sim = warp(torch.from_numpy(moving_sim)[None].to(device), ddf)[0].cpu().numpy()
+    spacing_mm = item["spacing_mm"].double().numpy()
+    true_ddf = item["true_ddf_vox"].numpy() if item["has_true_ddf"] else None
+    row: dict[str, Any] = {"moving": moving_id, "fixed": fixed_id}
+    row.update(evaluate_pair(
+        moving_seg=item["moving_seg"].numpy(), fixed_seg=item["fixed_seg"].numpy(),
+        warped_seg=warped_seg, ddf_vox=ddf[0].cpu().numpy(), spacing_mm=spacing_mm,
+        moving_image=moving_sim, fixed_image=fixed_sim, warped_image=warped_sim,
+        true_ddf_vox=true_ddf, inference_s=0.0))
+    row["device"] = _device_name(device)
+    row["similarity_on"] = similarity_on
+    if similarity_on == "intensity":
+        images = (im_f, im_m, warped_sim[0])
+    else:  # label maps as integers
+        images = (item["fixed_seg"].numpy(), item["moving_seg"].numpy(), warped_seg)
+    extra = {"fixed": images[0], "moving": images[1], "warped": images[2],
+             "fixed_seg": item["fixed_seg"].numpy(), "warped_seg": warped_seg,
+             "spacing_mm": spacing_mm}
+    return row, extra
 
 
 def _device_name(device: torch.device) -> str:

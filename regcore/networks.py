@@ -42,6 +42,8 @@ __all__ = [
     "build_model",
     "build_backbone",
     "default_channels",
+    "upsample_field",
+    "demons_force",
     "count_parameters",
     "FLOW_INIT_STD",
 ]
@@ -116,13 +118,19 @@ class VxmUNet(nn.Module):
     (B, dec[-1], D, H, W).
     """
 
-    def __init__(self, in_channels: int, enc: Sequence[int], dec: Sequence[int]):
+    def __init__(self, in_channels: int, enc: Sequence[int], dec: Sequence[int],
+                 coarse_levels: int = 0):
         super().__init__()
         enc, dec = tuple(enc), tuple(dec)
         if len(dec) < len(enc):
             raise ValueError(f"model.dec_channels == {dec}, must have at least as many entries "
                              f"as model.enc_channels == {enc} (one upsampling per level)")
+        if not 0 <= coarse_levels < len(enc):
+            raise ValueError(f"model.flow_levels == {coarse_levels}, must be below the number of "
+                             f"encoder levels ({len(enc)})")
         self.levels = len(enc)
+        #: the decoder stops this many upsamplings short: output at 1 / 2^coarse_levels
+        self.coarse_levels = coarse_levels
         self.encoder = nn.ModuleList()
         prev = in_channels
         for width in enc:
@@ -130,9 +138,9 @@ class VxmUNet(nn.Module):
             prev = width
         self.up_convs = nn.ModuleList()
         skip_widths = list(enc[::-1])
-        for width, skip in zip(dec[:self.levels], skip_widths):
+        for index, (width, skip) in enumerate(zip(dec[:self.levels], skip_widths)):
             self.up_convs.append(ConvAct(prev, width))
-            prev = width + skip
+            prev = width + skip if index < self.levels - coarse_levels else width
         self.full_res = nn.ModuleList()
         for width in dec[self.levels:]:
             self.full_res.append(ConvAct(prev, width))
@@ -147,9 +155,10 @@ class VxmUNet(nn.Module):
             x = F.max_pool3d(x, 2)
         x = self.up_convs[0](x)
         # the decoder's later convs in order: each of the first `levels` reads the upsampled
-        # features concatenated with a skip (with fewer convs, the last level is only upsampled)
+        # features concatenated with a skip (with fewer convs, the last level is only upsampled);
+        # with `coarse_levels` the decoder stops that many upsamplings short
         later = iter([*self.up_convs[1:], *self.full_res])
-        for skip in reversed(skips):
+        for skip in list(reversed(skips))[:self.levels - self.coarse_levels]:
             conv = next(later, None)
             x = kernels.upsample_concat(x, skip) if conv is None else conv.forward_upsampled(x, skip)
         for conv in later:
@@ -282,9 +291,16 @@ class RegistrationModel(nn.Module):
     """moving, fixed (B, C, D, H, W) -> `RegistrationOutput` (see `forward`)."""
 
     def __init__(self, backbone: nn.Module, in_channels: int, affine: bool,
-                 diffeomorphic: bool = False, int_steps: int = 7, backbone_name: str = ""):
+                 diffeomorphic: bool = False, int_steps: int = 7, backbone_name: str = "",
+                 demons_input: int = 0, passes: int = 1, max_flow_vox: float = 0.0):
         super().__init__()
+        #: soft bound on each pass's flow in voxels of its grid (0: none)
+        self.max_flow_vox = float(max_flow_vox)
+        #: the U-Net applied this many times, each pass to the pair registered so far
+        self.passes = passes
         self.backbone = backbone
+        #: the U-Net also sees the Demons force of the pair on this many scales (0: none)
+        self.demons_input = demons_input
         self.flow = FlowHead(backbone.out_channels)
         self.affine_head = AffineHead(2 * in_channels) if affine else None
         self.in_channels = in_channels
@@ -335,21 +351,98 @@ class RegistrationModel(nn.Module):
             pair = kernels.concat_pair(moved, fixed)
         else:
             theta = torch.eye(3, 4, device=moving.device, dtype=torch.float32).expand(batch, 3, 4)
-        flow = self.flow(self.backbone(pair))  # (B, 3, D, H, W) float32
+        flow = self._flow(pair)  # (B, 3, d, h, w) float32, d = D / 2^flow_levels
         velocity = None
         if self.diffeomorphic:
-            velocity, dense = flow, integrate_velocity(flow, self.int_steps)
-        else:
-            dense = flow
+            velocity = upsample_field(flow if self.max_flow_vox <= 0 else
+                                      self.max_flow_vox * torch.tanh(flow / self.max_flow_vox),
+                                      shape)
+        dense = self._field(flow, shape)
         total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
+        for _ in range(self.passes - 1):
+            # the same U-Net again on the pair as registered so far; its residual field r is
+            # applied first: dense'(x) = r(x) + dense(x + r(x)) (one field, one resampling; a
+            # composition of diffeomorphisms when each r is integrated)
+            moved = kernels.concat_pair(warp(moving, total), fixed)
+            residual = self._field(self._flow(moved), shape)
+            dense = residual + warp(dense, residual)
+            total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         warped = warp(moving, total)
         return RegistrationOutput(theta=theta, dense_ddf_vox=dense, total_ddf_vox=total,
                                   warped=warped, velocity_vox=velocity)
+
+    def _field(self, flow: torch.Tensor, shape) -> torch.Tensor:
+        """The displacement of one pass on the full grid: the flow itself, or when
+        diffeomorphic the flow as a velocity integrated on its own grid (VoxelMorph); with
+        `max_flow_vox` > 0 the flow is first bounded softly, B tanh(flow / B) (unchanged where
+        small), so one bad step cannot send the passes into a runaway."""
+        if self.max_flow_vox > 0:
+            flow = self.max_flow_vox * torch.tanh(flow / self.max_flow_vox)
+        if self.diffeomorphic:
+            return upsample_field(integrate_velocity(flow, self.int_steps), shape)
+        return upsample_field(flow, shape)
+
+    def _flow(self, pair: torch.Tensor) -> torch.Tensor:
+        """The flow head on the U-Net of (moving, fixed) channels-last, Demons forces added."""
+        if self.demons_input:
+            pair = torch.cat([pair, *demons_pyramid(pair[:, :self.in_channels],
+                                                    pair[:, self.in_channels:],
+                                                    self.demons_input)], dim=1
+                             ).contiguous(memory_format=kernels.MEMORY_FORMAT)
+        return self.flow(self.backbone(pair))
 
     def register(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         """Inference: `forward` under `torch.inference_mode` (no autograd bookkeeping)."""
         with torch.inference_mode():
             return self(moving, fixed)
+
+
+def demons_force(moving: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The normalised Demons force of each channel, (B, 3 C, D, H, W) in voxels.
+
+    u_k = (f - m) dm/dx_k / (|grad m|^2 + (f - m)^2 + eps): the optical-flow step that moves
+    the moving image towards the fixed one (bounded by 1/2 voxel). A U-Net computes the
+    product of a difference and a gradient only slowly from the two images; given it as an
+    input, a field that registers is nearly a linear function of its inputs.
+    """
+    m, f = moving.float(), fixed.float()
+    grads = torch.gradient(m, dim=(2, 3, 4))  # central differences, one-sided at the borders
+    diff = f - m
+    denom = sum(g * g for g in grads) + diff * diff + eps
+    return torch.cat([diff * g / denom for g in grads], dim=1)
+
+
+def demons_pyramid(moving: torch.Tensor, fixed: torch.Tensor, scales: int) -> list[torch.Tensor]:
+    """`demons_force` on the full grid and on `scales - 1` grids each 2x coarser (average
+    pooling), every force upsampled back and in voxels of the full grid: the coarse forces
+    reach displacements the fine one (at most 1/2 voxel) cannot."""
+    forces = []
+    m, f = moving, fixed
+    for level in range(scales):
+        if level:
+            m, f = F.avg_pool3d(m, 2), F.avg_pool3d(f, 2)
+        forces.append(upsample_field_channels(demons_force(m, f), tuple(moving.shape[2:])))
+    return forces
+
+
+def upsample_field_channels(fields_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """`upsample_field` for (B, 3 k, d, h, w): k displacement fields stacked on the channels."""
+    b, c = fields_vox.shape[:2]
+    stacked = fields_vox.reshape(b * c // 3, 3, *fields_vox.shape[2:])
+    return upsample_field(stacked, shape).reshape(b, c, *shape)
+
+
+def upsample_field(field_vox: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A displacement (B, 3, d, h, w) in voxels of its grid, resampled trilinearly onto the
+    grid `shape` of the same extent and rescaled to its voxels (align_corners geometry: a grid
+    of n voxels spans n - 1 intervals). The field itself when the shapes agree."""
+    small = tuple(field_vox.shape[2:])
+    if small == tuple(shape):
+        return field_vox
+    scale = torch.tensor([(n - 1) / (m - 1) for m, n in zip(small, shape)],
+                         device=field_vox.device, dtype=field_vox.dtype).view(1, 3, 1, 1, 1)
+    return F.interpolate(field_vox, size=tuple(shape), mode="trilinear",
+                         align_corners=True) * scale
 
 
 # -- construction ---------------------------------------------------------------------------
@@ -367,7 +460,10 @@ def build_backbone(model_cfg: ModelConfig, in_channels: int) -> nn.Module:
     enc = tuple(model_cfg.enc_channels) or enc_default
     dec = tuple(model_cfg.dec_channels)
     if model_cfg.backbone == "vxm":
-        return VxmUNet(in_channels, enc, dec or dec_default)
+        return VxmUNet(in_channels, enc, dec or dec_default, model_cfg.flow_levels)
+    if model_cfg.flow_levels:
+        raise ValueError(f"model.flow_levels == {model_cfg.flow_levels}, the seed backbone "
+                         f"predicts the flow at full resolution only (0)")
     # seed: the decoder mirrors the encoder levels unless given
     return SeedUNet(in_channels, enc, dec or tuple(enc[-2::-1]))
 
@@ -388,9 +484,11 @@ def build_model(model_cfg: ModelConfig, in_channels: int, affine: bool) -> Regis
         raise ValueError(f"in_channels == {in_channels!r}, must be a positive integer")
     if not isinstance(affine, bool):
         raise TypeError(f"affine == {affine!r}, must be True or False")
-    backbone = build_backbone(model_cfg, 2 * in_channels)
+    demons = {"images": 0, "demons": 1, "demons2": 2, "demons3": 3}[model_cfg.pair_input]
+    backbone = build_backbone(model_cfg, (2 + 3 * demons) * in_channels)
     model = RegistrationModel(backbone, in_channels, affine, model_cfg.diffeomorphic,
-                              model_cfg.int_steps, model_cfg.backbone)
+                              model_cfg.int_steps, model_cfg.backbone, demons_input=demons,
+                              passes=model_cfg.passes, max_flow_vox=model_cfg.max_flow_vox)
     return model.to(memory_format=kernels.MEMORY_FORMAT)
 
 

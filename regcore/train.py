@@ -124,6 +124,59 @@ def epoch_order(n_pairs: int, config: Config, generator: torch.Generator) -> lis
     return [flat[i * batch:(i + 1) * batch] for i in range(steps)]
 
 
+def learning_rate(config: Config, step: int, total_steps: int) -> float:
+    """The learning rate of step `step` (from 0) of `total_steps`: `train.lr_schedule`."""
+    base = config.lr
+    train_cfg = config.train
+    warmup = train_cfg.warmup_steps
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    if train_cfg.lr_schedule == "constant":
+        return base
+    span = max(total_steps - warmup - 1, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    final = train_cfg.lr_final_frac
+    return base * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: Config, step: int,
+                      total_steps: int) -> None:
+    """Write the schedule's rate into the optimizer (stateless: a resumed run continues it)."""
+    rate = learning_rate(config, step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+
+
+def training_batch(data, batch: list[int], config: Config, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(moving, fixed) of the training pairs `batch`, augmented as `config.train` says.
+
+    With `augment_pairs` = p, each pair is replaced with probability p by a random ordered pair
+    of two different training subjects (the atlas among them); with `augment_flip`, both images
+    of a pair are flipped along array axis 0 (left-right) with probability 1/2. The draws come
+    from the trainer's own `generator`, so a seed gives the same augmented sequence.
+    """
+    train_cfg = config.train
+    if not train_cfg.augment_pairs and not train_cfg.augment_flip:
+        return data.batch("train", batch)
+    subjects = data.train_subjects()
+    movings, fixeds = [], []
+    for index in batch:
+        draw = torch.rand(2, generator=generator).tolist()
+        if draw[0] < train_cfg.augment_pairs and len(subjects) > 1:
+            a, b = torch.randperm(len(subjects), generator=generator)[:2].tolist()
+            moving, fixed = data.subject_channels(subjects[a]), data.subject_channels(subjects[b])
+        else:
+            item = data.item("train", index)
+            moving, fixed = item["moving"], item["fixed"]
+        if train_cfg.augment_flip and draw[1] < 0.5:
+            moving, fixed = moving.flip(1), fixed.flip(1)  # (C, D, H, W): D is axis 0
+        movings.append(moving)
+        fixeds.append(fixed)
+    return (data.to_device(torch.stack(movings).contiguous()),
+            data.to_device(torch.stack(fixeds).contiguous()))
+
+
 # -- the loop ------------------------------------------------------------------------------
 def _nonfinite_message(epoch: int, step: int, terms: dict[str, torch.Tensor],
                        total: torch.Tensor) -> str:
@@ -248,6 +301,8 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     factor = float("nan")
     batches = epoch_order(len(run.data.train_pairs), config, run.order)
     for step, batch in enumerate(batches, start=1):
+        set_learning_rate(run.optimizer, config, (epoch - 1) * len(batches) + step - 1,
+                          config.train.epochs * len(batches))
         total, terms, weighted, factor = _train_step(run, batch, epoch, step)
         total_sum += float(total.detach())
         for name, value in terms.items():
@@ -268,7 +323,7 @@ def _train_step(run: _Run, batch: list[int], epoch: int, step: int):
     from regcore.losses import compute_loss
 
     config = run.config
-    moving, fixed = run.data.batch("train", batch)
+    moving, fixed = training_batch(run.data, batch, config, run.order)
     with autocast(config.train.precision, run.device):
         output = run.model(moving, fixed)
     breakdown = compute_loss(to_float32(output), fixed, config, epoch - 1, config.train.epochs,

@@ -145,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the report")
     p.add_argument("--no-timing", action="store_true",
                    help="skip the controlled timing of the trained networks after the trials")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference rows (identity, instance optimisation, truth)")
     p.add_argument("--quiet", action="store_true",
                    help="print only errors and the final summary (no live progress)")
     p.add_argument("--verbose", action="store_true",
@@ -690,6 +692,9 @@ def _run(plan: SweepPlan, args: argparse.Namespace, storage: Path, raw_uri: str,
         resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
         safely(lambda: timing_step(raw_uri, plan.experiment_id, plan.sweep_id, resources),
                "timing step", PROG)
+    if not args.no_reference:
+        from sweeps.after_trials import reference_of_plan
+        reference_of_plan(raw_uri, plan, PROG)
     # 4. Summary, Ray's overhead, the report.
     sweep_metrics = _print_summary(plan, rows, results, tune_s, slots)
     tracking.log_metrics(client, plan.parent_run_id, sweep_metrics, step=0)

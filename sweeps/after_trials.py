@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from sweeps import tracking
 
-__all__ = ["timing_step", "TIMING_PROTOCOL"]
+__all__ = ["timing_step", "reference_step", "reference_of_plan", "TIMING_PROTOCOL"]
 
 TIMING_PROTOCOL = ("after the trials, one network at a time alone on its device, warm-up "
                    "then the median of {repeats} repeats, {threads} CPU thread(s)")
@@ -83,6 +83,57 @@ def timing_step(tracking_uri: str, experiment_id: str, sweep_id: str,
         done += 1
     log(f"timed {done} networks in {time.perf_counter() - started:.1f} s")
     return done
+
+
+def reference_step(tracking_uri: str, experiment_id: str, parent_run_id: str, sweep_id: str,
+                   config, *, threads: int = 1, log: Callable[[str], Any] = print) -> int:
+    """Log the reference rows of `config`'s test pairs as a child run (tag
+    `regablate.role=reference`, artifact `reference.csv`); returns how many rows.
+
+    `config`: the sweep's base config. The instance optimisation uses its similarity with the
+    diffusion term only (regularizers off), the same for every variant; it runs here in the
+    driver, after the trials, on `threads` threads.
+    """
+    import torch
+
+    from regcore.reference import reference_table
+
+    started = time.perf_counter()
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        table = reference_table(config.with_overrides({"loss.regularize": False}))
+    finally:
+        torch.set_num_threads(before)
+    client = tracking.client_for(tracking_uri)
+    with tracking.guard(client, "logging the reference rows"):
+        run = client.create_run(experiment_id, run_name="reference", tags={
+            "mlflow.parentRunId": parent_run_id, f"{tracking.TAG}role": "reference",
+            f"{tracking.TAG}sweep_id": sweep_id})
+    run_id = run.info.run_id
+    with tempfile.TemporaryDirectory(prefix="regablate-ref-") as tmp:
+        path = Path(tmp) / "reference.csv"
+        table.to_csv(path, index=False)
+        tracking.log_artifacts(client, run_id, [(path, None)])
+    means = table.groupby("method")[["dice_mean", "true_error_mm", "method_s"]].mean()
+    tracking.log_metrics(client, run_id, {
+        f"reference.{m}.{c}": float(v) for m, row in means.iterrows() for c, v in row.items()},
+        step=0)
+    with tracking.guard(client, "closing the reference run"):
+        client.set_terminated(run_id, "FINISHED")
+    log("reference rows (mean over the test pairs): " + "; ".join(
+        f"{m} Dice {row['dice_mean']:.3f}, true error {row['true_error_mm']:.2f} mm, "
+        f"{row['method_s']:.2f} s/pair" for m, row in means.iterrows())
+        + f" ({time.perf_counter() - started:.1f} s)")
+    return len(table)
+
+
+def reference_of_plan(tracking_uri: str, plan, prog: str) -> Any:
+    """`reference_step` for a sweep's plan (`sweeps.ablation.SweepPlan`), as an informative
+    step: one thread per trial's CPU, a failure one line on stderr."""
+    return safely(lambda: reference_step(
+        tracking_uri, plan.experiment_id, plan.parent_run_id, plan.sweep_id, plan.base_config(),
+        threads=max(1, int(plan.cpus_per_trial))), "reference step", prog)
 
 
 def safely(step: Callable[[], Any], what: str, prog: str) -> Any:

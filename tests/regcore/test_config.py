@@ -61,7 +61,7 @@ def test_overrides_are_validated_and_coerced():
         ("loss.ncc_window", 8, r"loss.ncc_window == 8, must be odd"),
         ("loss.adaptive", "yes", r"loss.adaptive == 'yes', must be true or false"),
         ("seed", -1, r"seed == -1, must be >= 0"),
-        ("train.epoch", 3, r"unknown config key 'train.epoch', expected one of train.batch_size"),
+        ("train.epoch", 3, r"unknown config key 'train.epoch', expected one of train.augment_flip"),
         ("optimizer", "sgd", r"unknown config key 'optimizer'"),
         ("loss.max_displacement_mm", 0.0, r"loss.max_displacement_mm == 0.0, must be > 0"),
         ("loss.max_displacement_vox", 10.0,

@@ -126,3 +126,97 @@ def test_bad_input_one_line_exit_2_nothing_written(seg_checkpoint, tmp_path, cas
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def _shifted_pair(tmp_path, shape=(16, 16, 16)):
+    """A smooth intensity blob and the same blob shifted by one voxel along axis 0."""
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    centre = np.array([7.5, 7.5, 7.5], dtype=np.float32).reshape(3, 1, 1, 1)
+    fixed = np.exp(-((grid - centre) ** 2).sum(0) / 18.0) * 100.0
+    moving = np.exp(-((grid - centre - np.array([1.0, 0, 0]).reshape(3, 1, 1, 1)) ** 2
+                      ).sum(0) / 18.0) * 100.0
+    labels = (moving > 40).astype(np.int16) + (moving > 80).astype(np.int16)
+    return (_write(tmp_path / "m.nii.gz", moving.astype(np.float32)),
+            _write(tmp_path / "f.nii.gz", fixed.astype(np.float32)),
+            _write(tmp_path / "ms.nii.gz", labels))
+
+
+def test_method_io_needs_no_checkpoint_and_recovers_a_shift(tmp_path, capsys):
+    moving, fixed, seg = _shifted_pair(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, ["--method", "io", "--moving", moving, "--fixed", fixed, "--moving-seg", seg,
+                       "--io-steps", "60", "--out-dir", str(out)])
+    assert stop.value.code == 0, capsys.readouterr().err
+    assert {p.name for p in out.iterdir()} == {"warped.nii.gz", "warped_seg.nii.gz",
+                                               "ddf_mm.nii.gz", "jacdet.nii.gz"}
+    ddf_mm = np.asarray(nib.load(str(out / "ddf_mm.nii.gz")).dataobj)[..., 0, :]
+    # fixed(x) = moving(x + u): u = +1 voxel along axis 0 where the blob is; voxel size 1.1 mm
+    fixed_image = np.asarray(nib.load(fixed).dataobj)
+    inside = fixed_image > 30
+    assert abs(float(ddf_mm[inside, 0].mean()) / 1.1 - 1.0) < 0.35
+
+
+def _io_bad_cases(tmp_path, checkpoint):
+    moving, fixed, _ = _shifted_pair(tmp_path)
+    nan = np.asarray(nib.load(moving).dataobj).copy()
+    nan[0, 0, 0] = np.nan
+    half = AFFINE.copy()
+    half[:3, :3] *= 2
+    return {
+        "io with checkpoint": (["--method", "io", "--checkpoint", str(checkpoint)],
+                               "--checkpoint is not used by --method io"),
+        "io with refine": (["--method", "io", "--refine-steps", "5"],
+                           "--refine-steps applies after a network"),
+        "network without checkpoint": ([], "--checkpoint is required with --method network"),
+        "negative refine": (["--checkpoint", str(checkpoint), "--refine-steps", "-1"],
+                            "--refine-steps == -1"),
+        "nan image": (["--method", "io", "--moving", _write(tmp_path / "nan.nii.gz", nan)],
+                      "holds NaN or infinite values"),
+        "constant image": (["--method", "io", "--moving",
+                            _write(tmp_path / "c.nii.gz", np.ones((16, 16, 16), np.float32))],
+                           "is constant"),
+        "voxel sizes differ": (["--method", "io", "--moving",
+                                _write(tmp_path / "h.nii.gz", np.asarray(nib.load(moving).dataobj),
+                                       half)], "resample the moving image onto the fixed grid"),
+        "too small": (["--method", "io", "--moving",
+                       _write(tmp_path / "s.nii.gz", np.random.rand(6, 6, 6).astype(np.float32)),
+                       "--fixed", _write(tmp_path / "s2.nii.gz",
+                                         np.random.rand(6, 6, 6).astype(np.float32))],
+                      "every side must be at least 8 voxels"),
+    }, moving, fixed
+
+
+@pytest.mark.parametrize("case", ["io with checkpoint", "io with refine",
+                                  "network without checkpoint", "negative refine", "nan image",
+                                  "constant image", "voxel sizes differ", "too small"])
+def test_io_and_refine_refusals_one_line_exit_2(seg_checkpoint, tmp_path, case, capsys):
+    cases, moving, fixed = _io_bad_cases(tmp_path, seg_checkpoint)
+    argv, message = cases[case]
+    if "--moving" not in argv:
+        argv = [*argv, "--moving", moving]
+    if "--fixed" not in argv:
+        argv = [*argv, "--fixed", fixed]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run_cli(main, [*argv, "--out-dir", str(out)], prog="regcore.register")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_refine_steps_after_a_network(tmp_path, capsys):
+    checkpoint = _model_checkpoint(tmp_path / "ckpt", **{"data.modality": "intensity"})
+    moving, fixed, _ = _shifted_pair(tmp_path)
+    fields = {}
+    for steps in ("0", "40"):
+        out = tmp_path / f"out{steps}"
+        with pytest.raises(SystemExit) as stop:
+            run_cli(main, ["--checkpoint", str(checkpoint), "--moving", moving, "--fixed", fixed,
+                           "--refine-steps", steps, "--out-dir", str(out)])
+        assert stop.value.code == 0, capsys.readouterr().err
+        fields[steps] = np.asarray(nib.load(str(out / "ddf_mm.nii.gz")).dataobj)[..., 0, 0]
+    inside = np.asarray(nib.load(fixed).dataobj) > 30
+    # the untrained network barely moves; refinement moves towards the +1 voxel shift
+    assert fields["40"][inside].mean() > fields["0"][inside].mean() + 0.3

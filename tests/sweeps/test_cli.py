@@ -285,11 +285,15 @@ def test_study_cells_and_seeds_make_the_plan(tmp_path):
     plan = build_plan(parse_args(["--study", study]), "quick", tmp_path)
     assert len(plan.variants) == 8 and plan.seeds == [0, 1, 2]
     assert plan.study_spec.name == study
+    from sweeps.presets import QUICK_LR_SCALE
+
+    # the study's rates, times the quick recipe's one multiplier (train.lr_scale)
     cfg = plan.base_config("affine-regularize-diffeomorphic", seed=1)
-    assert (cfg.affine, cfg.regularize, cfg.model.diffeomorphic, cfg.lr, cfg.seed) == \
+    assert (cfg.affine, cfg.regularize, cfg.model.diffeomorphic, cfg.train.lr, cfg.seed) == \
         (True, True, True, 3e-4, 1)
+    assert cfg.lr == pytest.approx(3e-4 * QUICK_LR_SCALE)
     ref = plan.base_config("reference")
-    assert (ref.affine, ref.regularize, ref.model.diffeomorphic, ref.lr) == \
+    assert (ref.affine, ref.regularize, ref.model.diffeomorphic, ref.train.lr) == \
         (False, False, False, 1e-3)
     assert ref.data.shape == (32, 32, 32)  # the preset under every cell
     smoke = build_plan(parse_args(["--study", study, "--variants", "reference,diffeomorphic"]),
@@ -299,7 +303,8 @@ def test_study_cells_and_seeds_make_the_plan(tmp_path):
     # the default is the original 2x2, the registry's names and learning rates
     default = build_plan(parse_args([]), "quick", tmp_path)
     assert default.variants == ["baseline", "regloss", "combined_basic", "combined_enhanced"]
-    assert [default.base_config(v).lr for v in default.variants] == [1e-3, 1e-3, 3e-4, 3e-4]
+    assert [default.base_config(v).lr / QUICK_LR_SCALE for v in default.variants] == \
+        pytest.approx([1e-3, 1e-3, 3e-4, 3e-4])
 
 
 def _cell_configs(study, cells):

@@ -128,6 +128,17 @@ def test_smoke_sweep_end_to_end(sweep_env):
         assert noise not in proc.stdout and noise not in proc.stderr, noise
     assert "== Status ==" in ray_log.read_text()
 
+    # the reference rows: one child run tagged role=reference with reference.csv
+    refs = client.search_runs([parent.info.experiment_id],
+                              filter_string="tags.`regablate.role` = 'reference'")
+    assert len(refs) == 1 and refs[0].info.status == "FINISHED"
+    assert refs[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    import pandas as pd
+    table = pd.read_csv(client.download_artifacts(refs[0].info.run_id, "reference.csv",
+                                                  str(sweep_env.workdir)))
+    assert set(table["method"]) == {"identity", "instance_optimisation", "ground_truth"}
+    assert {"moving", "fixed", "dice_mean", "true_error_mm", "method_s"} <= set(table.columns)
+
     assert "ablation summary" in proc.stdout
     for name in VARIANTS:
         assert name in proc.stdout.split("ablation summary", 1)[1]
