@@ -165,6 +165,9 @@ def metric_array(rows: pd.DataFrame, design: Design, metric: str
     table = rows.pivot_table(index=["_cell", "seed"], columns="pair_id", values=metric,
                              aggfunc="mean", dropna=False)
     table = table.replace([np.inf, -np.inf], np.nan)
+    # the pivot holds every (cell, seed) combination: a network that never reported (a failed
+    # trial) is an all-NaN row, dropped here so that it does not empty every pair
+    table = table.dropna(axis=0, how="all")
     if spec(metric).level == "network":
         values = table.median(axis=1, skipna=True).to_frame("network")
         pairs, dropped = ["network"], 0

@@ -156,3 +156,17 @@ def test_a_search_too_small_to_rank_says_so_and_stopped_trials_count():
     assert table.iloc[0].n_trials == 4
     assert np.isnan(table.iloc[0].importance)
     assert table.iloc[0].method.startswith("too few trials to rank")
+
+
+def test_a_failed_network_leaves_the_others_analysed():
+    """A cell with one network fewer (a trial that failed: no rows at all) keeps every pair and
+    its other networks; the effects stay estimable (an unbalanced design)."""
+    full = make_per_pair(dice=(0.05, 0.03, 0.0))
+    lost = full[~((full["variant"] == "regloss") & (full["seed"] == 2))]
+    summary = summarize(lost, ["dice_mean"]).set_index("variant")
+    assert summary.loc["regloss", "n_seeds"] == 2 and summary.loc["baseline", "n_seeds"] == 3
+    assert (summary["n_subjects"] == full["pair_id"].nunique()).all()
+    assert np.isfinite(summary["mean"]).all() and np.isfinite(summary["ci_lo"]).all()
+    effects = factorial_effects(lost, ["dice_mean"])
+    affine = _row(effects, "affine", "dice_mean")
+    assert np.isfinite(affine.p) and affine.estimate == pytest.approx(0.05, abs=0.01)
