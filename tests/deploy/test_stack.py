@@ -196,8 +196,11 @@ def test_smoke_sweep_through_run_sweep_lands_in_the_server_and_reports(stack, tm
     parents = [r for r in runs if r.data.tags.get("regablate.role") == "sweep"]
     assert len(parents) == 1
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    under = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in under if r.data.tags.get("regablate.role") == "trial"]
     assert len(children) == 4  # the 2x2 design, one seed
+    # the reference rows (identity, instance optimisation, true field) of the same test pairs
+    assert [r.data.tags.get("regablate.role") for r in under if r not in children] == ["reference"]
     assert {r.data.tags["regablate.variant"] for r in children} == {
         "baseline", "regloss", "combined_basic", "combined_enhanced"}
     assert all(r.info.status == "FINISHED" for r in children + [parent])

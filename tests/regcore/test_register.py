@@ -115,10 +115,8 @@ def _bad_cases(tmp_path, checkpoint):
     }
 
 
-@pytest.mark.parametrize("case", ["missing moving", "shapes differ", "seg shape", "not labels",
-                                  "corrupt checkpoint", "missing checkpoint", "missing flag"])
-def test_bad_input_one_line_exit_2_nothing_written(seg_checkpoint, tmp_path, case, capsys):
-    argv, message = _bad_cases(tmp_path, seg_checkpoint)[case]
+def _assert_refused(argv, message, tmp_path, capsys):
+    """The command exits 2 with one line holding `message` and writes no output folder."""
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         run_cli(main, [*argv, "--out-dir", str(out)], prog="regcore.register")
@@ -126,6 +124,13 @@ def test_bad_input_one_line_exit_2_nothing_written(seg_checkpoint, tmp_path, cas
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["missing moving", "shapes differ", "seg shape", "not labels",
+                                  "corrupt checkpoint", "missing checkpoint", "missing flag"])
+def test_bad_input_one_line_exit_2_nothing_written(seg_checkpoint, tmp_path, case, capsys):
+    argv, message = _bad_cases(tmp_path, seg_checkpoint)[case]
+    _assert_refused(argv, message, tmp_path, capsys)
 
 
 def _shifted_pair(tmp_path, shape=(16, 16, 16)):
@@ -197,13 +202,7 @@ def test_io_and_refine_refusals_one_line_exit_2(seg_checkpoint, tmp_path, case, 
         argv = [*argv, "--moving", moving]
     if "--fixed" not in argv:
         argv = [*argv, "--fixed", fixed]
-    out = tmp_path / "out"
-    with pytest.raises(SystemExit) as stop:
-        run_cli(main, [*argv, "--out-dir", str(out)], prog="regcore.register")
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
-    assert not out.exists()
+    _assert_refused(argv, message, tmp_path, capsys)
 
 
 def test_refine_steps_after_a_network(tmp_path, capsys):
