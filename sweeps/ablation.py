@@ -29,6 +29,7 @@ import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,9 +77,17 @@ class SweepPlan:
     #: the study in its file schema (`Study.to_dict`); empty in sweeps made before studies
     study: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def study_spec(self) -> Study:
+        """The parsed study (parsed once per plan; not a field, so not saved in sweep.json)."""
         return parse_study(self.study, "sweep.json") if self.study else default_study()
+
+    @property
+    def runs_search(self) -> bool:
+        """Whether the weight search runs: trials asked for and a search cell in the sweep."""
+        from sweeps.space import search_variants
+
+        return self.search_trials > 0 and bool(search_variants(self.study_spec, self.variants))
 
     def cell_overrides(self) -> dict[str, dict[str, Any]]:
         """variant -> the dotted overrides of its study cell and of `--set VARIANT:KEY=...`."""
@@ -442,7 +451,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
     from ray.tune.search.optuna import OptunaSearch
 
     from sweeps.progress import ProgressCallback
-    from sweeps.space import ablation_space, search_space, search_variants
+    from sweeps.space import ablation_space, search_space
     from sweeps.trainable import RunCloser, run_trial, trial_display_name
 
     resources = {"cpu": plan.cpus_per_trial}
@@ -472,7 +481,7 @@ def _run_tuners(plan: SweepPlan, sweep_dir: Path, ctx, slots: int) -> dict[str, 
     results["ablation"] = _fit("ablation", plan, sweep_dir, trainable, ablation_tuner)
 
     study = plan.study_spec
-    if plan.search_trials > 0 and search_variants(study, plan.variants):
+    if plan.runs_search:
         def search_tuner():
             import optuna
 
@@ -656,9 +665,7 @@ def ui_url(tracking_uri: str, experiment_id: str) -> str:
 
 def _trial_total(plan: SweepPlan) -> int:
     """How many trials the sweep runs: the ablation grid and the search's samples."""
-    from sweeps.space import search_variants
-
-    search = plan.search_trials if search_variants(plan.study_spec, plan.variants) else 0
+    search = plan.search_trials if plan.runs_search else 0
     return len(plan.variants) * len(plan.seeds) + search
 
 
@@ -738,7 +745,6 @@ def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client, co
           tee: bool, joined: str):
     """(the Tuners' results, seconds of Tune time); the parent run is FAILED if they raise."""
     from sweeps.progress import Progress, ProgressCallback, RayLog, View
-    from sweeps.space import search_variants
     from sweeps.trainable import RunCloser, SweepContext
 
     ctx = SweepContext(tracking_uri=raw_uri, experiment_id=plan.experiment_id,
@@ -746,7 +752,7 @@ def _tune(plan: SweepPlan, sweep_dir: Path, raw_uri: str, slots: int, client, co
                        variant_overrides=plan.cell_overrides(),
                        factor_levels={v: plan.study_spec.level_names(v) for v in plan.variants})
     RunCloser.tracking_uri = raw_uri
-    if plan.search_trials > 0 and not search_variants(plan.study_spec, plan.variants):
+    if plan.search_trials > 0 and not plan.runs_search:
         console.say(f"{PROG}: none of {', '.join(plan.variants)} is a search cell of the study "
                     f"{plan.study_spec.name}: weight search skipped")
     tune_started = time.perf_counter()
