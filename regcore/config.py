@@ -59,6 +59,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "amp")
 LR_SCHEDULES = ("constant", "cosine")
 PAIR_INPUTS = ("images", "demons", "demons2", "demons3")
+AFFINE_HEADS = ("cnn", "fit")
 
 
 def _fail(key: str, value: Any, expected: str) -> typing.NoReturn:
@@ -146,6 +147,10 @@ class ModelConfig:
     int_steps: int = 7
     #: the affine stage (the study's first factor); None: the variant's (regcore.variants)
     affine: bool | None = None
+    #: how the affine stage predicts theta: "cnn" (the study's: convolutions, global pooling,
+    #: two dense layers) or "fit" (a least-squares fit of per-voxel targets a small CNN
+    #: predicts from the pair and its Demons force; networks.AffineFitHead)
+    affine_head: str = "cnn"
     #: the flow predicted on a grid 2^flow_levels coarser (the decoder stops that many
     #: upsamplings short) and upsampled trilinearly; 0 = full resolution (vxm backbone only)
     flow_levels: int = 0
@@ -180,6 +185,7 @@ class ModelConfig:
             _fail("model.diffeomorphic", self.diffeomorphic, "true or false")
         _check_number("model.int_steps", self.int_steps, lo=1, hi=20, integer=True)
         _check_choice("model.pair_input", self.pair_input, PAIR_INPUTS)
+        _check_choice("model.affine_head", self.affine_head, AFFINE_HEADS)
         _check_number("model.passes", self.passes, lo=1, hi=4, integer=True)
         _check_number("model.max_flow_vox", self.max_flow_vox, lo=0)
         _check_number("model.flow_levels", self.flow_levels, lo=0, hi=3, integer=True)

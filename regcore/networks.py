@@ -5,7 +5,10 @@
 - `seed`: the original study's U-Net (encoder 32-64-128-256, 512 bottleneck, two 3^3 convs with
   InstanceNorm and ReLU per level, transposed-conv up; ~22.6 M parameters).
 - `AffineHead`: a small CNN predicting `theta` (B, 3, 4) on voxel coordinates about the volume
-  centre, exactly the identity at initialisation.
+  centre, exactly the identity at initialisation (the study's affine stage).
+- `AffineFitHead`: the affine stage as a weighted least-squares fit (`fit_affine`) of per-voxel
+  targets that a small CNN predicts from the pair and its Demons force; also the identity at
+  initialisation (`model.affine_head = "fit"`).
 - `RegistrationModel`: affine stage (optional) -> U-Net on (affinely warped moving, fixed) ->
   flow head (optionally a velocity, integrated) -> ONE resampling of the original moving image
   with the composed field.
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from regcore import kernels
 from regcore.config import ModelConfig
 from regcore.integrate import integrate_velocity
-from regcore.spatial import affine_to_ddf, compose_affine_ddf, warp
+from regcore.spatial import centred_grid_vox, affine_to_ddf, compose_affine_ddf, warp
 
 __all__ = [
     "RegistrationOutput",
@@ -38,6 +41,8 @@ __all__ = [
     "VxmUNet",
     "SeedUNet",
     "AffineHead",
+    "AffineFitHead",
+    "fit_affine",
     "FlowHead",
     "build_model",
     "build_backbone",
@@ -286,13 +291,87 @@ class AffineHead(nn.Module):
         return torch.cat([matrix, translation_vox.unsqueeze(-1)], dim=2)
 
 
+class AffineFitHead(nn.Module):
+    """The affine stage as a fit: a small CNN predicts where each voxel should go, and the
+    affine `theta` (B, 3, 4) is the weighted least-squares fit of those targets.
+
+    The CNN sees (moving, fixed) and their Demons force on `demons_scales` scales (the forces
+    are local displacement estimates, so the targets are nearly a linear function of the input),
+    works on a grid 2x coarser, and outputs on a grid 4x coarser a displacement d (3 channels,
+    voxels of that grid) and a weight logit. With x_c the voxel positions about the centre
+    and y = x_c + d, theta = argmin sum_x w(x) |A x_c + t - y(x)|^2, solved from the 4 x 4
+    normal equations with a small ridge towards [I | 0]. Unlike global pooling the fit keeps
+    where each estimate was made, which is what a rotation or a scaling is made of.
+
+    The last convolution has zero weights, so d = 0 and theta is exactly the identity at
+    initialisation.
+    """
+
+    def __init__(self, in_channels: int, demons_scales: int = 3, width: int = 16,
+                 ridge: float = 1e-3):
+        super().__init__()
+        self.in_channels = in_channels
+        self.demons_scales = demons_scales
+        self.ridge = ridge
+        channels = (2 + 3 * demons_scales) * in_channels
+        act = lambda: nn.LeakyReLU(0.2, inplace=True)  # noqa: E731
+        self.features = nn.Sequential(
+            Conv3d(channels, width, 3, padding=1), act(),
+            Conv3d(width, width, 3, padding=1), act(),
+            Conv3d(width, width, 3, stride=2, padding=1), act(),
+            Conv3d(width, width, 3, padding=1), act(),
+        )
+        self.out = Conv3d(width, 4, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """pair: (B, 2C, D, H, W) moving and fixed concatenated -> theta (B, 3, 4), t in voxels."""
+        c = self.in_channels
+        moving, fixed = pair[:, :c], pair[:, c:]
+        shape = tuple(pair.shape[2:])
+        inputs = torch.cat([pair, *demons_pyramid(moving, fixed, self.demons_scales)], dim=1)
+        head = self.out(self.features(F.avg_pool3d(inputs, 2)))
+        with torch.autocast(pair.device.type, enabled=False):
+            head = head.float()
+            target = upsample_field(head[:, :3], shape)  # (B, 3, D, H, W) voxels of the grid
+            weight = F.softplus(F.interpolate(head[:, 3:], size=shape, mode="trilinear",
+                                              align_corners=True))  # (B, 1, D, H, W)
+            return fit_affine(target, weight, self.ridge)
+
+
+def fit_affine(ddf_vox: torch.Tensor, weight: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """The affine theta (B, 3, 4) (voxel coordinates about the centre) whose displacement is
+    closest to `ddf_vox` (B, 3, D, H, W) in the `weight` (B, 1, D, H, W) least-squares sense,
+    with a ridge of `ridge` x the mean diagonal of the normal matrix towards [I | 0] (so a zero
+    field or a zero weight gives the identity). Coordinates are divided by the largest
+    half extent for the solve, so the 4 x 4 system is well conditioned at any size."""
+    shape = tuple(ddf_vox.shape[2:])
+    batch = ddf_vox.shape[0]
+    scale = max((s - 1) / 2.0 for s in shape) or 1.0
+    xc = centred_grid_vox(shape, ddf_vox.device, ddf_vox.dtype).flatten(2) / scale  # (1, 3, N)
+    ones = torch.ones_like(xc[:, :1])
+    x_h = torch.cat([xc, ones], dim=1).expand(batch, 4, -1)  # (B, 4, N)
+    y = xc + ddf_vox.flatten(2) / scale  # (B, 3, N)
+    w = weight.flatten(2)  # (B, 1, N)
+    normal = torch.einsum("bin,bjn->bij", x_h * w, x_h)  # (B, 4, 4)
+    rhs = torch.einsum("bin,bjn->bij", y * w, x_h)  # (B, 3, 4)
+    # + 1e-6: a zero weight everywhere leaves only the ridge, whose solution is the identity
+    lam = ridge * normal.diagonal(dim1=1, dim2=2).mean(dim=1).view(-1, 1, 1) + 1e-6
+    eye4 = torch.eye(4, device=ddf_vox.device, dtype=ddf_vox.dtype)
+    theta_n = torch.linalg.solve(normal + lam * eye4, (rhs + lam * eye4[:3]).transpose(1, 2)
+                                 ).transpose(1, 2)  # (B, 3, 4); normal is symmetric
+    return torch.cat([theta_n[:, :, :3], theta_n[:, :, 3:] * scale], dim=2)
+
+
 # -- the model ------------------------------------------------------------------------------
 class RegistrationModel(nn.Module):
     """moving, fixed (B, C, D, H, W) -> `RegistrationOutput` (see `forward`)."""
 
     def __init__(self, backbone: nn.Module, in_channels: int, affine: bool,
                  diffeomorphic: bool = False, int_steps: int = 7, backbone_name: str = "",
-                 demons_input: int = 0, passes: int = 1, max_flow_vox: float = 0.0):
+                 demons_input: int = 0, passes: int = 1, max_flow_vox: float = 0.0,
+                 affine_head: str = "cnn"):
         super().__init__()
         #: soft bound on each pass's flow in voxels of its grid (0: none)
         self.max_flow_vox = float(max_flow_vox)
@@ -302,7 +381,9 @@ class RegistrationModel(nn.Module):
         #: the U-Net also sees the Demons force of the pair on this many scales (0: none)
         self.demons_input = demons_input
         self.flow = FlowHead(backbone.out_channels)
-        self.affine_head = AffineHead(2 * in_channels) if affine else None
+        heads = {"cnn": lambda: AffineHead(2 * in_channels),
+                 "fit": lambda: AffineFitHead(in_channels)}
+        self.affine_head = heads[affine_head]() if affine else None
         self.in_channels = in_channels
         self.diffeomorphic = diffeomorphic
         self.int_steps = int_steps
@@ -488,7 +569,8 @@ def build_model(model_cfg: ModelConfig, in_channels: int, affine: bool) -> Regis
     backbone = build_backbone(model_cfg, (2 + 3 * demons) * in_channels)
     model = RegistrationModel(backbone, in_channels, affine, model_cfg.diffeomorphic,
                               model_cfg.int_steps, model_cfg.backbone, demons_input=demons,
-                              passes=model_cfg.passes, max_flow_vox=model_cfg.max_flow_vox)
+                              passes=model_cfg.passes, max_flow_vox=model_cfg.max_flow_vox,
+                              affine_head=model_cfg.affine_head)
     return model.to(memory_format=kernels.MEMORY_FORMAT)
 
 

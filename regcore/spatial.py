@@ -22,6 +22,7 @@ import torch.nn.functional as F
 __all__ = [
     "check_ddf",
     "identity_grid_vox",
+    "centred_grid_vox",
     "warp",
     "affine_to_ddf",
     "compose_affine_ddf",
@@ -185,7 +186,7 @@ def _check_theta(theta: object) -> torch.Tensor:
     return theta
 
 
-def _centred_grid(shape: Sequence[int], device, dtype) -> torch.Tensor:
+def centred_grid_vox(shape: Sequence[int], device, dtype) -> torch.Tensor:
     """x - c for every voxel, (1, 3, D, H, W), c = (size - 1) / 2 (exact in float: multiples of 1/2)."""
     centre = torch.tensor([(s - 1) / 2.0 for s in shape], device=device, dtype=dtype)
     return identity_grid_vox(shape, device, dtype) - centre.view(1, 3, 1, 1, 1)
@@ -203,7 +204,7 @@ def affine_to_ddf(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         raise ValueError(f"expected shape (D, H, W) of three positive integers, got {shape}")
     eye = torch.eye(3, device=theta.device, dtype=theta.dtype)
     a_minus_i = theta[:, :, :3] - eye
-    xc = _centred_grid(shape, theta.device, theta.dtype)  # (1, 3, D, H, W)
+    xc = centred_grid_vox(shape, theta.device, theta.dtype)  # (1, 3, D, H, W)
     ddf = torch.einsum("bij,zjdhw->bidhw", a_minus_i, xc)
     return ddf + theta[:, :, 3].view(-1, 3, 1, 1, 1)
 

@@ -57,6 +57,7 @@ def test_overrides_are_validated_and_coerced():
         ("data.shape", [64, 64], r"data.shape == \(64, 64\), must be three integers"),
         ("data.modality", "ct", r"data.modality == 'ct', must be one of seg4_onehot, intensity"),
         ("model.backbone", "resnet", r"model.backbone == 'resnet', must be one of vxm, seed"),
+        ("model.affine_head", "mlp", r"model.affine_head == .mlp., must be one of cnn, fit"),
         ("model.enc_channels", [16, -2], r"model.enc_channels == \(16, -2\), must be a list"),
         ("loss.ncc_window", 8, r"loss.ncc_window == 8, must be odd"),
         ("loss.adaptive", "yes", r"loss.adaptive == 'yes', must be true or false"),

@@ -12,6 +12,7 @@ from regcore import kernels
 from regcore.config import ModelConfig
 from regcore.networks import (
     FLOW_INIT_STD,
+    AffineFitHead,
     AffineHead,
     Conv3d,
     RegistrationOutput,
@@ -19,8 +20,9 @@ from regcore.networks import (
     VxmUNet,
     build_model,
     count_parameters,
+    fit_affine,
 )
-from regcore.spatial import jacobian_det, warp
+from regcore.spatial import affine_to_ddf, jacobian_det, warp
 
 # tiny widths: same structure as the defaults, a fraction of the cost
 TINY = {
@@ -129,6 +131,46 @@ def test_affine_stage_resamples_once(pair):
     assert torch.allclose(out.theta[:, 0, 3], torch.tensor([2.0, 2.0]))
     assert torch.allclose(out.total_ddf_vox[:, 0], torch.full((2, *SHAPE), 2.0))
     assert torch.allclose(out.warped, warp(moving, out.total_ddf_vox), atol=1e-6)
+
+
+THETA = torch.tensor([[[1.03, 0.06, -0.02, 1.5], [-0.05, 0.97, 0.01, -2.0],
+                       [0.02, -0.03, 1.02, 0.75]]])
+
+
+def test_fit_affine_recovers_an_affine_from_its_field():
+    shape = (16, 20, 24)
+    ddf = affine_to_ddf(THETA, shape)
+    ones = torch.ones(1, 1, *shape)
+    assert torch.allclose(fit_affine(ddf, ones, ridge=0.0), THETA, atol=1e-4)
+    # the weights pick the voxels the fit listens to: a different affine in the half the
+    # weights ignore does not move the fit
+    other = affine_to_ddf(torch.eye(3, 4)[None] * 1.1, shape)
+    mixed = torch.where(torch.arange(shape[0]).view(1, 1, -1, 1, 1) < 8, ddf, other)
+    half = (torch.arange(shape[0]) < 8).float().view(1, 1, -1, 1, 1).expand_as(ones)
+    assert torch.allclose(fit_affine(mixed, half, ridge=0.0), THETA, atol=1e-4)
+    assert not torch.allclose(fit_affine(mixed, ones, ridge=0.0), THETA, atol=1e-2)
+
+
+def test_fit_affine_is_the_identity_for_a_zero_field_or_weight():
+    shape = (8, 8, 8)
+    eye = torch.eye(3, 4).expand(2, 3, 4)
+    assert torch.allclose(fit_affine(torch.zeros(2, 3, *shape), torch.ones(2, 1, *shape)), eye,
+                          atol=1e-6)
+    field = affine_to_ddf(THETA.expand(2, 3, 4), shape)
+    assert torch.allclose(fit_affine(field, torch.zeros(2, 1, *shape)), eye, atol=1e-6)
+
+
+def test_fit_head_starts_at_the_identity_and_learns(pair):
+    moving, fixed = pair
+    model = tiny_model("vxm", affine=True, affine_head="fit")
+    assert isinstance(model.affine_head, AffineFitHead)
+    out = model(moving, fixed)
+    assert torch.allclose(out.theta, torch.eye(3, 4).expand(2, 3, 4), atol=1e-6)
+    F.mse_loss(out.warped, fixed).backward()
+    assert model.affine_head.out.weight.grad.abs().sum() > 0
+    torch.optim.Adam(model.parameters(), lr=1e-3).step()
+    assert not torch.allclose(model(moving, fixed).theta, torch.eye(3, 4).expand(2, 3, 4),
+                              atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
