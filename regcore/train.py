@@ -25,9 +25,12 @@ Test hooks (config `train.*`, 0 = off):
 - `nan_at_epoch = k` makes the first similarity term NaN at the first step of epoch k; the run
   stops with a `DivergenceError` naming the epoch, the step and the non-finite terms.
 
-Divergence: a non-finite loss or gradient, and a displacement longer than `DIVERGED_SIDES`
+Divergence: a non-finite loss or gradient, a displacement longer than `DIVERGED_SIDES`
 times the longest image side (a blow-up that a bounded similarity such as local NCC leaves
-finite), stop the run with a `DivergenceError` naming epoch and step.
+finite), and a field that samples more than `OUTSIDE_SHARE` of the fixed grid outside the
+moving image (a collapse that a bound on each pass's flow keeps short: the flows saturate,
+their gradient vanishes and the run would go on with Dice 0) stop the run with a
+`DivergenceError` naming epoch and step.
 
 Command: `python -m regcore.train --variant combined_enhanced [--data-dir D] [--out-dir O]
 [--epochs N] [--seed S] [--config file.json] [--set key=value ...]`.
@@ -61,6 +64,7 @@ from regcore.checkpoint import (
 from regcore.cli import ArgumentParser
 from regcore.config import Config, parse_value
 from regcore.runtime import autocast, configure_device, seed_everything, select_device, to_float32
+from regcore.spatial import identity_grid_vox
 
 __all__ = ["train", "TrainResult", "DivergenceError", "check_displacement", "build_config",
            "main"]
@@ -75,6 +79,8 @@ KEEP_CHECKPOINTS = 2
 #: voxel outside the volume: the model has diverged even when the loss is still finite (a
 #: bounded similarity such as local NCC stays finite while the field grows without limit).
 DIVERGED_SIDES = 2.0
+#: the share of the fixed grid whose sample point may lie outside the moving image
+OUTSIDE_SHARE = 0.5
 
 
 class DivergenceError(ValueError):
@@ -83,8 +89,10 @@ class DivergenceError(ValueError):
 
 
 def check_displacement(total_ddf_vox: torch.Tensor, epoch: int, step: int) -> None:
-    """Raise `DivergenceError` when `total_ddf_vox` `(B, 3, D, H, W)` is non-finite or longer
-    than `DIVERGED_SIDES` times the longest spatial side in any component u_k anywhere (voxels)."""
+    """Raise `DivergenceError` when `total_ddf_vox` `(B, 3, D, H, W)` is non-finite, longer
+    than `DIVERGED_SIDES` times the longest spatial side in any component u_k anywhere (voxels),
+    or sends more than `OUTSIDE_SHARE` of the grid's sample points x + u(x) outside the volume
+    (half a voxel beyond the border voxels' centres)."""
     longest_vox = max(total_ddf_vox.shape[2:])
     max_vox = float(total_ddf_vox.detach().abs().amax())
     if not math.isfinite(max_vox) or max_vox > DIVERGED_SIDES * longest_vox:
@@ -92,6 +100,16 @@ def check_displacement(total_ddf_vox: torch.Tensor, epoch: int, step: int) -> No
             f"displacement diverged at epoch {epoch}, step {step}: max |u_k| == {max_vox:g} "
             f"voxels, more than {DIVERGED_SIDES:g} x the longest image side ({longest_vox} voxels); "
             "lower train.lr or raise the regularizer weights")
+    sizes = torch.tensor(total_ddf_vox.shape[2:], device=total_ddf_vox.device,
+                         dtype=total_ddf_vox.dtype).view(1, 3, 1, 1, 1)
+    where = identity_grid_vox(total_ddf_vox.shape[2:], total_ddf_vox.device,
+                              total_ddf_vox.dtype) + total_ddf_vox.detach()
+    outside = ((where < -0.5) | (where > sizes - 0.5)).any(dim=1).float().mean().item()
+    if outside > OUTSIDE_SHARE:
+        raise DivergenceError(
+            f"displacement diverged at epoch {epoch}, step {step}: the field samples "
+            f"{100 * outside:.0f} % of the fixed grid outside the moving image (more than "
+            f"{100 * OUTSIDE_SHARE:.0f} %); lower train.lr")
 
 
 @dataclass

@@ -12,7 +12,8 @@ import torch
 
 from regcore.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
 from regcore.config import Config
-from regcore.train import DIVERGED_SIDES, DivergenceError, check_displacement, main, train
+from regcore.train import (DIVERGED_SIDES, OUTSIDE_SHARE, DivergenceError, check_displacement,
+                           main, train)
 
 # 16^3 embedded cohort: 1 atlas, 2 training, 1 validation, 2 test subjects; a tiny U-Net.
 TINY = {
@@ -83,7 +84,7 @@ def test_reports_every_epoch_with_the_contract_names(full_run):
                     "val.dice_mean", "val.folding_pct", "train.loss_dice", "train.share_dice",
                     "train.loss_smooth", "train.share_jacobian"):
             assert key in metrics and np.isfinite(metrics[key]), key
-        assert metrics["train.lr"] == pytest.approx(3e-4)  # the variant's study default
+        assert metrics["train.lr"] == pytest.approx(1e-3)  # the registry's one rate
         shares = sum(v for k, v in metrics.items() if k.startswith("train.share_"))
         assert shares == pytest.approx(1.0, rel=1e-4)
     # the adaptive factor of the study, max(0.01, 0.1 (1 - e/E)) at e = 0, 1, 2 of E = 3
@@ -178,6 +179,19 @@ def test_displacement_guard_bounds_and_message():
     field[0, 0, 0, 0, 0] = float("inf")
     with pytest.raises(DivergenceError, match="max \\|u_k\\| == inf voxels"):
         check_displacement(field, 1, 2)
+
+
+def test_displacement_guard_stops_a_field_that_leaves_the_image():
+    # a shift along the 20-voxel axis: 8 voxels send 8 / 20 = 40 % of the grid outside
+    # (allowed), 11 voxels 55 % (a collapse: more than OUTSIDE_SHARE)
+    field = torch.zeros(1, 3, 16, 20, 12)
+    field[0, 1] = 8.0
+    check_displacement(field, 1, 1)
+    field[0, 1] = 11.0
+    assert OUTSIDE_SHARE == 0.5
+    with pytest.raises(DivergenceError, match=r"displacement diverged at epoch 3, step 2: the "
+                       r"field samples 55 % of the fixed grid outside the moving image"):
+        check_displacement(field, 3, 2)
 
 
 def test_exploding_field_with_finite_loss_stops_training(tiny, tmp_path, monkeypatch):
