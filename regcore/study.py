@@ -9,8 +9,8 @@ A study file (YAML; shipped ones in sweeps/studies/) declares:
       affine:
         label: the affine stage           # optional, for the report
         levels:                           # the first level is the reference ("off")
-          - {name: "off", set: {model.affine: false, train.lr: 1.0e-3}}
-          - {name: "on", set: {model.affine: true, train.lr: 3.0e-4}}
+          - {name: "off", set: {model.affine: false}}
+          - {name: "on", set: {model.affine: true}}
       ...
     cells:                                # optional names (and labels) of the cells
       baseline: {affine: "off", regularize: "off", label: Baseline UNet}
@@ -387,17 +387,17 @@ KNOWN_METRICS = _known_metrics()
 
 
 def default_study() -> Study:
-    """The original study's 2x2 from `regcore.variants` (sweeps/studies/affine_x_regularizers.yaml
-    is the same study as a file; a test keeps the two equal)."""
+    """The original study's 2x2 from `regcore.variants`, every cell at the registry's one
+    learning rate (sweeps/studies/affine_x_regularizers.yaml is the same study as a file; a test
+    keeps the two equal)."""
     from regcore.variants import FACTOR_LABELS, VARIANTS
 
-    off, on = VARIANTS["baseline"], VARIANTS["combined_basic"]  # the lr of each affine level
     data = {
         "name": "affine_x_regularizers",
         "factors": {
             "affine": {"label": FACTOR_LABELS["affine"], "levels": [
-                {"name": "off", "set": {"model.affine": False, "train.lr": off.lr}},
-                {"name": "on", "set": {"model.affine": True, "train.lr": on.lr}}]},
+                {"name": "off", "set": {"model.affine": False}},
+                {"name": "on", "set": {"model.affine": True}}]},
             "regularize": {"label": FACTOR_LABELS["regularize"], "levels": [
                 {"name": "off", "set": {"loss.regularize": False}},
                 {"name": "on", "set": {"loss.regularize": True}}]},

@@ -47,6 +47,13 @@ def test_the_default_study_file_is_the_registry_of_the_original_design():
     assert study.baseline.name == "baseline"
     assert study.primary == "dice_mean" and study.seeds == (0, 1, 2)
     assert study.search.cells == ("regloss", "combined_enhanced")
+    # the study as it was run: the same cells, the affine ones at 0.3 x the rate
+    original = read_study(STUDIES / "affine_x_regularizers_original_lr.yaml")
+    assert [c.name for c in original.cells] == list(VARIANTS)
+    rates = {c.name: Config().with_overrides(original.overrides(c.name)).lr
+             for c in original.cells}
+    assert rates == {"baseline": 1e-3, "regloss": 1e-3, "combined_basic": 3e-4,
+                     "combined_enhanced": 3e-4}
     default = default_study()
     assert (default.factors, default.cells, default.seeds, default.primary, default.secondary,
             default.search) == (study.factors, study.cells, study.seeds, study.primary,

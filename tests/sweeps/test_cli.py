@@ -287,23 +287,27 @@ def test_study_cells_and_seeds_make_the_plan(tmp_path):
     assert plan.study_spec.name == study
     from sweeps.presets import QUICK_LR_SCALE
 
-    # the study's rates, times the quick recipe's one multiplier (train.lr_scale)
+    # one rate for every cell, times the quick recipe's multiplier (train.lr_scale)
     cfg = plan.base_config("affine-regularize-diffeomorphic", seed=1)
-    assert (cfg.affine, cfg.regularize, cfg.model.diffeomorphic, cfg.train.lr, cfg.seed) == \
-        (True, True, True, 3e-4, 1)
-    assert cfg.lr == pytest.approx(3e-4 * QUICK_LR_SCALE)
+    assert (cfg.affine, cfg.regularize, cfg.model.diffeomorphic, cfg.seed) == (True, True, True, 1)
+    assert cfg.lr == pytest.approx(1e-3 * QUICK_LR_SCALE)
     ref = plan.base_config("reference")
-    assert (ref.affine, ref.regularize, ref.model.diffeomorphic, ref.train.lr) == \
-        (False, False, False, 1e-3)
+    assert (ref.affine, ref.regularize, ref.model.diffeomorphic) == (False, False, False)
+    assert ref.lr == pytest.approx(1e-3 * QUICK_LR_SCALE)
     assert ref.data.shape == (32, 32, 32)  # the preset under every cell
     smoke = build_plan(parse_args(["--study", study, "--variants", "reference,diffeomorphic"]),
                        "smoke", tmp_path)
     assert smoke.variants == ["reference", "diffeomorphic"] and smoke.seeds == [0]
     assert smoke.cell_overrides()["diffeomorphic"]["model.diffeomorphic"] is True
-    # the default is the original 2x2, the registry's names and learning rates
+    # the default is the original 2x2, the registry's names and its one learning rate; the
+    # original rates are a study of their own
     default = build_plan(parse_args([]), "quick", tmp_path)
     assert default.variants == ["baseline", "regloss", "combined_basic", "combined_enhanced"]
     assert [default.base_config(v).lr / QUICK_LR_SCALE for v in default.variants] == \
+        pytest.approx([1e-3] * 4)
+    original = build_plan(parse_args(["--study", "affine_x_regularizers_original_lr"]), "quick",
+                          tmp_path)
+    assert [original.base_config(v).lr / QUICK_LR_SCALE for v in original.variants] == \
         pytest.approx([1e-3, 1e-3, 3e-4, 3e-4])
 
 
@@ -394,9 +398,12 @@ def test_paper_preset_is_the_study(tmp_path):
     plan = ablation.build_plan(args, "paper", tmp_path)
     cfg = plan.base_config("combined_enhanced")
     assert cfg.data.shape == (128, 128, 128) and cfg.data.modality == "seg4_onehot"
-    assert cfg.data.pairing == "atlas" and cfg.model.backbone == "seed"
+    assert cfg.data.pairing == "atlas" and cfg.loss.dice_weight == 0.7
     assert cfg.train.epochs == 50 and cfg.train.batch_size == 1
-    assert cfg.lr == 3e-4 and plan.base_config("baseline").lr == 1e-3
+    # the network recipe measured on one-hot maps at 64^3, at the study's rate for every cell
+    assert (cfg.model.backbone, cfg.model.pair_input, cfg.model.passes) == ("vxm", "demons3", 3)
+    assert cfg.model.affine_head == "fit" and cfg.train.lr_schedule == "cosine"
+    assert cfg.lr == 1e-3 and plan.base_config("baseline").lr == 1e-3
     assert cfg.loss.reg_weights() == STUDY_REG_WEIGHTS
     assert plan.gpus_per_trial == 1.0 and len(plan.variants) == 4
 
