@@ -428,6 +428,17 @@ def _coerce(section: type, name: str, value: Any, key: str) -> Any:
     return value
 
 
+def parse_sets(items) -> dict[str, Any]:
+    """`--set KEY=VALUE` items -> {dotted key: parsed value}; a ValueError names a bad item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}, expected key=value such as train.epochs=5")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
 def parse_value(text: str) -> Any:
     """Parse a command-line override value: JSON-ish (numbers, true/false, none, lists)."""
     import json

@@ -62,7 +62,7 @@ from regcore.checkpoint import (
     save_checkpoint,
 )
 from regcore.cli import ArgumentParser
-from regcore.config import Config, parse_value
+from regcore.config import Config, parse_sets
 from regcore.runtime import autocast, configure_device, seed_everything, select_device, to_float32
 from regcore.spatial import identity_grid_vox
 
@@ -458,11 +458,7 @@ def build_config(variant: str, *, config_file: str | None = None, data_dir: str 
         flat["train.epochs"] = epochs
     if seed is not None:
         flat["seed"] = seed
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}, expected key=value such as train.epochs=5")
-        flat[key.strip()] = parse_value(value)
+    flat.update(parse_sets(overrides))
     return Config.from_flat(flat)
 
 

@@ -19,6 +19,20 @@ QUICK_LR_SCALE = 2.0
 #: embedded cohort's true fields stay under about 3 voxels of 32^3): at lr_scale 4 without it,
 #: regloss seed 2 diverged at epoch 2 in the quick sweep (docs/RECIPE.md)
 QUICK_MAX_FLOW_VOX = 4.0
+#: the network and schedule that quick and paper share (docs/RECIPE.md): the VoxelMorph U-Net
+#: at half its widths, the Demons force as input on 3 scales, the flow at half resolution and
+#: bounded, the affine stage as a fit, warm-up + cosine decay; each preset sets its passes
+NETWORK_RECIPE: dict[str, Any] = {
+    "model.backbone": "vxm",
+    "model.enc_channels": [8, 16, 16, 16],
+    "model.dec_channels": [16, 16, 16, 16, 16, 8, 8],
+    "model.flow_levels": 1,
+    "model.pair_input": "demons3",
+    "model.max_flow_vox": QUICK_MAX_FLOW_VOX,
+    "model.affine_head": "fit",
+    "train.lr_schedule": "cosine",
+    "train.warmup_steps": 30,
+}
 
 
 @dataclass(frozen=True)
@@ -92,16 +106,9 @@ PRESETS: dict[str, Preset] = {
                 # decay and the learning rate x LR_SCALE; the affine stage is a least-squares
                 # fit of per-voxel targets (model.affine_head=fit).
                 # baseline: Dice 0.499 / 9.8 mm (the old recipe) -> 0.72 / 3.7 mm.
-                "model.enc_channels": [8, 16, 16, 16],
-                "model.dec_channels": [16, 16, 16, 16, 16, 8, 8],
-                "model.flow_levels": 1,
-                "model.pair_input": "demons3",
+                **NETWORK_RECIPE,
                 "model.passes": 4,
-                "model.affine_head": "fit",
-                "model.max_flow_vox": QUICK_MAX_FLOW_VOX,
                 "train.lr_scale": QUICK_LR_SCALE,
-                "train.lr_schedule": "cosine",
-                "train.warmup_steps": 30,
             },
             search_trials=2,
             max_failures=1,
@@ -121,16 +128,8 @@ PRESETS: dict[str, Preset] = {
                 "data.shape": [128, 128, 128],
                 "data.pairing": "atlas",
                 "data.n_test": 20,
-                "model.backbone": "vxm",
-                "model.enc_channels": [8, 16, 16, 16],
-                "model.dec_channels": [16, 16, 16, 16, 16, 8, 8],
-                "model.flow_levels": 1,
-                "model.pair_input": "demons3",
+                **NETWORK_RECIPE,
                 "model.passes": 3,
-                "model.max_flow_vox": QUICK_MAX_FLOW_VOX,
-                "model.affine_head": "fit",
-                "train.lr_schedule": "cosine",
-                "train.warmup_steps": 30,
                 "train.epochs": 50,
                 "train.batch_size": 1,
                 "train.checkpoint_every": 5,

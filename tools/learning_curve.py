@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     import pandas as pd
     import torch
 
-    from regcore.config import Config, parse_value
+    from regcore.config import Config, parse_sets
     from regcore.evaluate import PairData, evaluate_test
     from regcore.reference import reference_table
     from regcore.register import load_model
@@ -45,12 +45,10 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="a dotted config key on top of the preset")
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        extra[key] = parse_value(value)
+    try:
+        extra = parse_sets(args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
 
     flat = {**get_preset("quick").overrides, "variant": args.variant, "seed": args.seed,
             "train.epochs": args.epochs, "train.checkpoint_every": 1,
