@@ -212,6 +212,14 @@ class LossConfig:
     mse_weight: float = 0.0
     ncc_weight: float = 1.0
     ncc_window: int = 9
+    #: weight of the similarity of the earlier passes' warped images (their mean; deep
+    #: supervision of the cascade, `model.passes` > 1): each pass is asked to register as far
+    #: as it can, not only the last one (0: only the final image is compared)
+    pass_weight: float = 0.0
+    #: weight of the similarity of warped and fixed images averaged 2x2x2 (local NCC over
+    #: `coarse_window()` boxes): a coarse view of the same misalignment, less prone to the
+    #: local minima of the full-resolution term (0: off)
+    coarse_weight: float = 0.0
     smooth_weight: float = STUDY_REG_WEIGHTS["smooth"]
     magnitude_weight: float = STUDY_REG_WEIGHTS["magnitude"]
     rigidity_weight: float = STUDY_REG_WEIGHTS["rigidity"]
@@ -227,8 +235,8 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.regularize is not None and not isinstance(self.regularize, bool):
             _fail("loss.regularize", self.regularize, "true, false or none (the variant's)")
-        for key in ("dice_weight", "ce_weight", "mse_weight", "ncc_weight",
-                    *(f"{r}_weight" for r in REGULARIZERS), "reg_scale"):
+        for key in ("dice_weight", "ce_weight", "mse_weight", "ncc_weight", "pass_weight",
+                    "coarse_weight", *(f"{r}_weight" for r in REGULARIZERS), "reg_scale"):
             _check_number(f"loss.{key}", getattr(self, key), lo=0)
         _check_number("loss.ncc_window", self.ncc_window, lo=3, integer=True)
         if self.ncc_window % 2 == 0:
@@ -237,6 +245,10 @@ class LossConfig:
         for key in ("dice_exclude_background", "adaptive"):
             if not isinstance(getattr(self, key), bool):
                 _fail(f"loss.{key}", getattr(self, key), "true or false")
+
+    def coarse_window(self) -> int:
+        """The local-NCC window of the coarse term: `ncc_window` halved (the images are), odd."""
+        return max(3, (self.ncc_window // 2) | 1)
 
     def reg_weights(self) -> dict[str, float]:
         """The five regularizer weights by name, in `REGULARIZERS` order (before `reg_scale`)."""

@@ -1,7 +1,9 @@
 """Similarity terms (pure functions (pred, target) -> scalar) and the one place weights apply.
 
-Term names (docs/ARCHITECTURE.md): similarity `dice`, `ce`, `mse`, `ncc`; regularizers `smooth`,
-`magnitude`, `rigidity`, `jacobian`, `bending`. Every term has one fixed reduction (a mean).
+Term names (docs/ARCHITECTURE.md): similarity `dice`, `ce`, `mse`, `ncc`; the similarity of the
+earlier passes `passes` and of the images at half resolution `coarse` (present only when their
+weights are > 0); regularizers `smooth`, `magnitude`, `rigidity`, `jacobian`, `bending`. Every
+term has one fixed reduction (a mean).
 """
 
 from __future__ import annotations
@@ -183,7 +185,10 @@ def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: i
             (the magnitude regularizer's threshold is in mm, `cfg.loss.max_displacement_mm`).
 
     Similarity: seg4_onehot -> dice_weight x soft Dice + ce_weight x CE; intensity ->
-    mse_weight x MSE + ncc_weight x local NCC (window `ncc_window`).
+    mse_weight x MSE + ncc_weight x local NCC (window `ncc_window`). With `pass_weight` > 0 the
+    same weighted similarity of each earlier pass's image (`output.pass_warped`, if the output
+    has it), averaged, is the term `passes`; with `coarse_weight` > 0 that of the warped and
+    fixed images averaged over 2x2x2 blocks (NCC window `coarse_window()`) is `coarse`.
 
     Regularizers act on `output.dense_ddf_vox`, not on the total field: the total field includes
     the affine stage, whose global scaling, shear and translation are the alignment the affine
@@ -194,21 +199,21 @@ def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: i
     """
     warped = output.warped
     ddf_vox = output.dense_ddf_vox
-    modality = cfg.data.modality
     loss_cfg = cfg.loss
-    if modality == "seg4_onehot":
-        terms = {
-            "dice": soft_dice_loss(warped, fixed, exclude_background=loss_cfg.dice_exclude_background),
-            "ce": cross_entropy_prob(warped, fixed),
-        }
-        weights = {"dice": loss_cfg.dice_weight, "ce": loss_cfg.ce_weight}
-    else:
-        terms = {
-            "mse": mse_loss(warped, fixed),
-            "ncc": local_ncc_loss(warped, fixed, window=loss_cfg.ncc_window),
-        }
-        weights = {"mse": loss_cfg.mse_weight, "ncc": loss_cfg.ncc_weight}
+    terms, weights = _similarity(warped, fixed, cfg, loss_cfg.ncc_window)
     weighted = {name: weights[name] * value for name, value in terms.items()}
+    earlier = getattr(output, "pass_warped", ())
+    if loss_cfg.pass_weight > 0 and earlier:
+        # deep supervision: the mean similarity of what each earlier pass produced
+        terms["passes"] = sum(_weighted_similarity(w.to(warped.dtype), fixed, cfg,
+                                                    loss_cfg.ncc_window)
+                              for w in earlier) / len(earlier)
+        weighted["passes"] = loss_cfg.pass_weight * terms["passes"]
+    if loss_cfg.coarse_weight > 0:
+        terms["coarse"] = _weighted_similarity(F.avg_pool3d(warped, 2),
+                                               F.avg_pool3d(fixed.to(warped.dtype), 2), cfg,
+                                               loss_cfg.coarse_window())
+        weighted["coarse"] = loss_cfg.coarse_weight * terms["coarse"]
 
     schedule = adaptive_factor(epoch, epochs)  # validates epoch and epochs for every variant
     if cfg.regularize:
@@ -228,3 +233,28 @@ def compute_loss(output, fixed: torch.Tensor, cfg: Config, epoch: int, epochs: i
 
     total = sum(weighted.values())
     return LossBreakdown(total=total, terms=terms, weighted=weighted, factor=factor)
+
+
+def _similarity(warped: torch.Tensor, fixed: torch.Tensor, cfg: Config, window: int
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The modality's similarity terms of `warped` against `fixed` and their weights."""
+    loss_cfg = cfg.loss
+    if cfg.data.modality == "seg4_onehot":
+        terms = {
+            "dice": soft_dice_loss(warped, fixed, exclude_background=loss_cfg.dice_exclude_background),
+            "ce": cross_entropy_prob(warped, fixed),
+        }
+        return terms, {"dice": loss_cfg.dice_weight, "ce": loss_cfg.ce_weight}
+    terms = {
+        "mse": mse_loss(warped, fixed),
+        "ncc": local_ncc_loss(warped, fixed, window=window),
+    }
+    return terms, {"mse": loss_cfg.mse_weight, "ncc": loss_cfg.ncc_weight}
+
+
+def _weighted_similarity(warped: torch.Tensor, fixed: torch.Tensor, cfg: Config, window: int
+                         ) -> torch.Tensor:
+    """The weighted sum of the similarity terms (the similarity part of the loss), skipping
+    terms of weight 0."""
+    terms, weights = _similarity(warped, fixed, cfg, window)
+    return sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)

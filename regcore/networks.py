@@ -75,6 +75,8 @@ class RegistrationOutput:
     total_ddf_vox: (B, 3, D, H, W) affine and dense composed: warped = moving(x + total(x)).
     warped: (B, C, D, H, W) the moving image resampled once with `total_ddf_vox`.
     velocity_vox: (B, 3, D, H, W) the stationary velocity, or None.
+    pass_warped: the moving image warped by the field after each pass but the last (empty with
+        one pass): what the next pass sees, and what `loss.pass_weight` compares.
     """
 
     theta: torch.Tensor
@@ -82,6 +84,7 @@ class RegistrationOutput:
     total_ddf_vox: torch.Tensor
     warped: torch.Tensor
     velocity_vox: torch.Tensor | None
+    pass_warped: tuple[torch.Tensor, ...] = ()
 
 
 # -- building blocks ------------------------------------------------------------------------
@@ -440,17 +443,20 @@ class RegistrationModel(nn.Module):
                                       shape)
         dense = self._field(flow, shape)
         total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
+        pass_warped = []
         for _ in range(self.passes - 1):
             # the same U-Net again on the pair as registered so far; its residual field r is
             # applied first: dense'(x) = r(x) + dense(x + r(x)) (one field, one resampling; a
             # composition of diffeomorphisms when each r is integrated)
-            moved = kernels.concat_pair(warp(moving, total), fixed)
+            pass_warped.append(warp(moving, total))
+            moved = kernels.concat_pair(pass_warped[-1], fixed)
             residual = self._field(self._flow(moved), shape)
             dense = residual + warp(dense, residual)
             total = compose_affine_ddf(theta, dense) if self.affine_head is not None else dense
         warped = warp(moving, total)
         return RegistrationOutput(theta=theta, dense_ddf_vox=dense, total_ddf_vox=total,
-                                  warped=warped, velocity_vox=velocity)
+                                  warped=warped, velocity_vox=velocity,
+                                  pass_warped=tuple(pass_warped))
 
     def _field(self, flow: torch.Tensor, shape) -> torch.Tensor:
         """The displacement of one pass on the full grid: the flow itself, or when

@@ -13,6 +13,7 @@ Both are informative: a failure is reported on one line and the sweep and its re
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -117,23 +118,23 @@ def reference_step(tracking_uri: str, experiment_id: str, parent_run_id: str, sw
         tracking.log_artifacts(client, run_id, [(path, None)])
     means = table.groupby("method")[["dice_mean", "true_error_mm", "method_s"]].mean()
     tracking.log_metrics(client, run_id, {
-        f"reference.{m}.{c}": float(v) for m, row in means.iterrows() for c, v in row.items()},
-        step=0)
+        **{f"reference.{m}.{c}": float(v) for m, row in means.iterrows() for c, v in row.items()},
+        "reference.threads": float(max(1, int(threads)))}, step=0)
     with tracking.guard(client, "closing the reference run"):
         client.set_terminated(run_id, "FINISHED")
     log("reference rows (mean over the test pairs): " + "; ".join(
         f"{m} Dice {row['dice_mean']:.3f}, true error {row['true_error_mm']:.2f} mm, "
         f"{row['method_s']:.2f} s/pair" for m, row in means.iterrows())
-        + f" ({time.perf_counter() - started:.1f} s)")
+        + f" ({time.perf_counter() - started:.1f} s on {max(1, int(threads))} threads)")
     return len(table)
 
 
 def reference_of_plan(tracking_uri: str, plan, prog: str) -> Any:
     """`reference_step` for a sweep's plan (`sweeps.ablation.SweepPlan`), as an informative
-    step: one thread per trial's CPU, a failure one line on stderr."""
+    step on every core of the driver (the trials are over), a failure one line on stderr."""
     return safely(lambda: reference_step(
         tracking_uri, plan.experiment_id, plan.parent_run_id, plan.sweep_id, plan.base_config(),
-        threads=max(1, int(plan.cpus_per_trial))), "reference step", prog)
+        threads=max(1, len(os.sched_getaffinity(0)))), "reference step", prog)
 
 
 def safely(step: Callable[[], Any], what: str, prog: str) -> Any:

@@ -272,3 +272,65 @@ def test_compute_loss_intensity(image):
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# --- deep supervision of the passes and the coarse term ---------------------------------------
+def _intensity_cfg(**loss_changes) -> Config:
+    return Config(variant="baseline").with_overrides(
+        {"data.modality": "intensity", **{f"loss.{k}": v for k, v in loss_changes.items()}})
+
+
+def test_pass_weight_adds_the_mean_similarity_of_the_earlier_passes(image):
+    gen = torch.Generator().manual_seed(3)
+    earlier = tuple((image + 0.3 * torch.randn(image.shape, generator=gen, dtype=torch.float64)
+                     ).requires_grad_(True) for _ in range(2))
+    warped = (image + 0.1).requires_grad_(True)
+    out = SimpleNamespace(warped=warped, dense_ddf_vox=torch.zeros(2, 3, *SHAPE, dtype=torch.float64),
+                          pass_warped=earlier)
+    plain = compute_loss(out, image, _intensity_cfg(), epoch=0, epochs=1, spacing_mm=MM1)
+    assert "passes" not in plain.terms  # weight 0: the loss of the study
+    result = compute_loss(out, image, _intensity_cfg(pass_weight=0.5), epoch=0, epochs=1,
+                          spacing_mm=MM1)
+    mean = sum(local_ncc_loss(w, image, window=9) for w in earlier) / 2
+    torch.testing.assert_close(result.terms["passes"], mean)
+    torch.testing.assert_close(result.total, plain.total + 0.5 * mean)
+    result.total.backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in earlier)
+    # one pass (no earlier images) or an output without them: no term
+    for single in (SimpleNamespace(warped=warped, dense_ddf_vox=out.dense_ddf_vox, pass_warped=()),
+                   SimpleNamespace(warped=warped, dense_ddf_vox=out.dense_ddf_vox)):
+        again = compute_loss(single, image, _intensity_cfg(pass_weight=0.5), epoch=0, epochs=1,
+                             spacing_mm=MM1)
+        assert "passes" not in again.terms
+
+
+def test_coarse_weight_compares_the_images_at_half_resolution(image):
+    warped = (image.flip(2) + 0.1).requires_grad_(True)
+    out = SimpleNamespace(warped=warped, dense_ddf_vox=torch.zeros(2, 3, *SHAPE, dtype=torch.float64))
+    cfg = _intensity_cfg(coarse_weight=2.0)
+    assert cfg.loss.coarse_window() == 5
+    result = compute_loss(out, image, cfg, epoch=0, epochs=1, spacing_mm=MM1)
+    coarse = local_ncc_loss(F.avg_pool3d(warped, 2), F.avg_pool3d(image, 2), window=5)
+    torch.testing.assert_close(result.terms["coarse"], coarse)
+    torch.testing.assert_close(result.weighted["coarse"], 2.0 * coarse)
+    assert -1.0 <= float(coarse.detach()) < 0.0
+    # one-hot maps: the same soft Dice + CE on the block-averaged probabilities
+    labels = torch.randint(0, 5, (2, *SHAPE), generator=torch.Generator().manual_seed(0))
+    onehot_out = _output(labels)
+    onehot = compute_loss(onehot_out, _onehot(labels), _cfg("baseline", coarse_weight=1.0),
+                          epoch=0, epochs=1, spacing_mm=MM1)
+    pooled_pred, pooled_fixed = F.avg_pool3d(onehot_out.warped, 2), F.avg_pool3d(_onehot(labels), 2)
+    expected = (0.7 * soft_dice_loss(pooled_pred, pooled_fixed)
+                + 0.3 * cross_entropy_prob(pooled_pred, pooled_fixed))
+    torch.testing.assert_close(onehot.terms["coarse"], expected)
+
+
+@pytest.mark.parametrize("window, coarse", [(3, 3), (5, 3), (7, 3), (9, 5), (11, 5), (13, 7)])
+def test_coarse_window_halves_the_ncc_window_and_stays_odd(window, coarse):
+    assert _intensity_cfg(ncc_window=window).loss.coarse_window() == coarse
+
+
+@pytest.mark.parametrize("key", ["pass_weight", "coarse_weight"])
+def test_negative_pass_and_coarse_weights_are_refused(key):
+    with pytest.raises(ValueError, match=f"loss.{key}"):
+        _intensity_cfg(**{key: -0.1})

@@ -388,3 +388,19 @@ def test_register_runs_under_inference_mode(pair):
 def test_backbones_are_the_named_classes():
     assert isinstance(tiny_model("vxm", False).backbone, VxmUNet)
     assert isinstance(tiny_model("seed", False).backbone, SeedUNet)
+
+
+def test_pass_warped_holds_each_earlier_pass_image(pair):
+    moving, fixed = pair
+    one = tiny_model("vxm", affine=True, passes=1)
+    three = tiny_model("vxm", affine=True, passes=3)
+    three.load_state_dict(one.state_dict())  # shared weights: pass 1 of three is the one-pass model
+    with torch.no_grad():
+        torch.nn.init.normal_(one.flow.conv.weight, std=0.05)
+        three.flow.conv.weight.copy_(one.flow.conv.weight)
+        single, out = one(moving, fixed), three(moving, fixed)
+    assert single.pass_warped == ()
+    assert len(out.pass_warped) == 2
+    assert all(w.shape == moving.shape for w in out.pass_warped)
+    torch.testing.assert_close(out.pass_warped[0], single.warped)
+    assert not torch.allclose(out.pass_warped[1], out.warped)

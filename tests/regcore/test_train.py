@@ -111,6 +111,19 @@ def test_shares_stay_in_unit_interval_when_ncc_is_negative(tiny, tmp_path):
     assert shares["train.share_smooth"] > 0  # the regularizer is in the loss
 
 
+def test_pass_and_coarse_terms_are_trained_and_logged(tiny, tmp_path):
+    config = tiny(data__modality="intensity", model__passes=2, loss__pass_weight=1.0,
+                  loss__coarse_weight=1.0, train__epochs=1, train__checkpoint_every=1)
+    recorder = Recorder()
+    train(config, recorder, out_dir=tmp_path)
+    metrics = recorder.calls[-1][0]
+    for term in ("passes", "coarse"):
+        assert metrics[f"train.loss_{term}"] < 0  # negative local NCC
+        assert 0 < metrics[f"train.share_{term}"] < 1
+    shares = sum(v for k, v in metrics.items() if k.startswith("train.share_"))
+    assert shares == pytest.approx(1.0, rel=1e-6)
+
+
 def test_per_pair_table_and_example(full_run):
     config, _, result, out = full_run
     table = pd.read_csv(out / "per_pair.csv")

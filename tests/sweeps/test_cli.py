@@ -285,10 +285,14 @@ def test_study_cells_and_seeds_make_the_plan(tmp_path):
     plan = build_plan(parse_args(["--study", study]), "quick", tmp_path)
     assert len(plan.variants) == 8 and plan.seeds == [0, 1, 2]
     assert plan.study_spec.name == study
-    from sweeps.presets import QUICK_LR_SCALE
+    from sweeps.presets import QUICK_COARSE_WEIGHT, QUICK_LR_SCALE, QUICK_PASS_WEIGHT
 
     # one rate for every cell, times the quick recipe's multiplier (train.lr_scale)
     cfg = plan.base_config("affine-regularize-diffeomorphic", seed=1)
+    # the quick recipe's loss (deep supervision of the passes, the coarse term) under every cell
+    assert all((plan.base_config(v).loss.pass_weight, plan.base_config(v).loss.coarse_weight)
+               == (QUICK_PASS_WEIGHT, QUICK_COARSE_WEIGHT) for v in plan.variants)
+    assert QUICK_PASS_WEIGHT > 0 and QUICK_COARSE_WEIGHT > 0
     assert (cfg.affine, cfg.regularize, cfg.model.diffeomorphic, cfg.seed) == (True, True, True, 1)
     assert cfg.lr == pytest.approx(1e-3 * QUICK_LR_SCALE)
     ref = plan.base_config("reference")
@@ -405,6 +409,7 @@ def test_paper_preset_is_the_study(tmp_path):
     assert cfg.model.affine_head == "fit" and cfg.train.lr_schedule == "cosine"
     assert cfg.lr == 1e-3 and plan.base_config("baseline").lr == 1e-3
     assert cfg.loss.reg_weights() == STUDY_REG_WEIGHTS
+    assert cfg.loss.pass_weight == 0 and cfg.loss.coarse_weight == 0  # the study's loss
     assert plan.gpus_per_trial == 1.0 and len(plan.variants) == 4
 
 
