@@ -440,14 +440,16 @@ def _coerce(section: type, name: str, value: Any, key: str) -> Any:
     return value
 
 
-def parse_sets(items) -> dict[str, Any]:
-    """`--set KEY=VALUE` items -> {dotted key: parsed value}; a ValueError names a bad item."""
+def parse_sets(items, expected: str = "key=value such as train.epochs=5") -> dict[str, Any]:
+    """`--set KEY=VALUE` items -> {key: parsed value}; a ValueError names a bad item and what
+    was `expected`."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ValueError(f"--set {item!r}, expected key=value such as train.epochs=5")
-        out[key.strip()] = parse_value(value)
+            raise ValueError(f"--set {item!r}, expected {expected}")
+        out[key] = parse_value(value)
     return out
 
 

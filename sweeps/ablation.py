@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from regcore.cli import ArgumentParser, UsageError, run_cli  # noqa: E402
-from regcore.config import REGULARIZERS, Config, parse_value  # noqa: E402
+from regcore.config import REGULARIZERS, Config, parse_sets  # noqa: E402
 from regcore.study import Study, default_study, parse_study  # noqa: E402
 from regcore.variants import BASELINE  # noqa: E402
 from sweeps import tracking  # noqa: E402
@@ -189,17 +189,9 @@ def _shape(text: str) -> list[int]:
 
 def _sets(items: list[str] | None, scoped: bool = False) -> dict[str, Any]:
     """`--set KEY=VALUE` (scoped=False) or `--set VARIANT:KEY=VALUE` (scoped=True, keyed
-    `VARIANT:KEY`)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}, expected [VARIANT:]KEY=VALUE with a dotted "
-                             f"config key")
-        if (":" in key) == scoped:
-            out[key] = parse_value(value)
-    return out
+    `VARIANT:KEY`); a malformed item of either kind is an error."""
+    parsed = parse_sets(items or [], expected="[VARIANT:]KEY=VALUE with a dotted config key")
+    return {key: value for key, value in parsed.items() if (":" in key) == scoped}
 
 
 def _variant_overrides(items: list[str] | None, variants: list[str],
