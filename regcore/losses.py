@@ -257,4 +257,5 @@ def _weighted_similarity(warped: torch.Tensor, fixed: torch.Tensor, cfg: Config,
     """The weighted sum of the similarity terms (the similarity part of the loss), skipping
     terms of weight 0."""
     terms, weights = _similarity(warped, fixed, cfg, window)
-    return sum(weights[name] * value for name, value in terms.items() if weights[name] > 0)
+    return sum((weights[name] * value for name, value in terms.items() if weights[name] > 0),
+               warped.new_zeros(()))

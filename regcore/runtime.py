@@ -4,7 +4,8 @@ One home for what train, evaluate, register, timing and bench all need, so that 
 borrows another's helpers. Knows nothing of losses, data or Ray.
 
 - `select_device(config)`: `train.device` (auto = CUDA when present), checked against
-  `train.precision`; `configure_device(device, num_threads)`: cuDNN autotuning or CPU threads.
+  `train.precision`; `configure_device(device, num_threads)`: cuDNN autotuning or CPU threads;
+  `available_cpus()`: the CPUs this process may run on.
 - `autocast(precision, device)`: "fp32" (no autocast), "bf16" or "amp" (float16, CUDA).
 - `to_float32(output)`: every floating tensor of a model output in float32 (losses and metrics
   run outside autocast).
@@ -51,13 +52,21 @@ def select_device(config: Config) -> torch.device:
     return device
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, as on Linux;
+    else every CPU, as on macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def configure_device(device: torch.device, num_threads: int = 0) -> None:
     """cuDNN autotuning on CUDA; on the CPU `num_threads` torch threads (0 = every CPU this
     process may run on)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:
-        torch.set_num_threads(max(1, num_threads or len(os.sched_getaffinity(0))))
+        torch.set_num_threads(max(1, num_threads or available_cpus()))
 
 
 def seed_everything(seed: int) -> None:

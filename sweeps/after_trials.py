@@ -13,7 +13,6 @@ Both are informative: a failure is reported on one line and the sweep and its re
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -132,9 +131,11 @@ def reference_step(tracking_uri: str, experiment_id: str, parent_run_id: str, sw
 def reference_of_plan(tracking_uri: str, plan, prog: str) -> Any:
     """`reference_step` for a sweep's plan (`sweeps.ablation.SweepPlan`), as an informative
     step on every core of the driver (the trials are over), a failure one line on stderr."""
+    from regcore.runtime import available_cpus
+
     return safely(lambda: reference_step(
         tracking_uri, plan.experiment_id, plan.parent_run_id, plan.sweep_id, plan.base_config(),
-        threads=max(1, len(os.sched_getaffinity(0)))), "reference step", prog)
+        threads=available_cpus()), "reference step", prog)
 
 
 def safely(step: Callable[[], Any], what: str, prog: str) -> Any:

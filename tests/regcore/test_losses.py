@@ -334,3 +334,13 @@ def test_coarse_window_halves_the_ncc_window_and_stays_odd(window, coarse):
 def test_negative_pass_and_coarse_weights_are_refused(key):
     with pytest.raises(ValueError, match=f"loss.{key}"):
         _intensity_cfg(**{key: -0.1})
+
+
+def test_pass_term_is_a_zero_tensor_when_every_similarity_weight_is_zero(image):
+    earlier = (image.clone().requires_grad_(True),)
+    out = SimpleNamespace(warped=image.clone().requires_grad_(True), pass_warped=earlier,
+                          dense_ddf_vox=torch.zeros(2, 3, *SHAPE, dtype=torch.float64))
+    cfg = _intensity_cfg(pass_weight=1.0, coarse_weight=1.0, ncc_weight=0.0)
+    result = compute_loss(out, image, cfg, epoch=0, epochs=1, spacing_mm=MM1)
+    for term in ("passes", "coarse"):
+        assert torch.is_tensor(result.terms[term]) and float(result.terms[term]) == 0.0
