@@ -247,6 +247,10 @@ class RayLog:
     everything to the terminal too. `terminal` is a text stream on the original stdout, for
     the sweep's own lines meanwhile."""
 
+    #: seconds without new output before the block ends, and the most it waits for them
+    QUIET_S = 1.0
+    DRAIN_LIMIT_S = 5.0
+
     def __init__(self, path: Path, tee: bool = False, preamble: str = "") -> None:
         self.path, self.tee, self.preamble = Path(path), tee, preamble
         self.terminal: IO[str] | None = None
@@ -274,6 +278,22 @@ class RayLog:
             os.close(write_fd)
         return self
 
+    def _drain(self) -> None:
+        """Wait until the log has not grown for `QUIET_S` seconds (at most `DRAIN_LIMIT_S`):
+        Ray forwards the trials' output to the driver asynchronously, and a line that arrives
+        after the file descriptors are restored (a last checkpoint message) would land on the
+        terminal."""
+        def size() -> int:
+            return os.fstat(self._log.fileno()).st_size
+
+        deadline = time.monotonic() + self.DRAIN_LIMIT_S
+        last, quiet_since = size(), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < self.QUIET_S:
+            time.sleep(0.05)
+            now = size()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+
     def _copy(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "rb", buffering=0) as source:
             while chunk := source.read(65536):
@@ -284,6 +304,7 @@ class RayLog:
     def __exit__(self, *exc) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        self._drain()
         os.dup2(self._saved[0], 1)
         os.dup2(self._saved[1], 2)
         if self._pump is not None:

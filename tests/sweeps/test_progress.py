@@ -124,3 +124,26 @@ def test_quiet_shows_nothing():
     view.finish()
     Console(out, quiet=True).say("hello")
     assert out.getvalue() == ""
+
+
+def test_ray_log_keeps_output_that_arrives_just_after_the_block(tmp_path, capfd):
+    # Ray forwards a trial's last lines to the driver asynchronously: one arriving a moment
+    # after the Tune block ends must still go to ray.log, not to the terminal
+    import os
+    import threading
+
+    from sweeps.progress import RayLog
+
+    path = tmp_path / "ray.log"
+    late = threading.Timer(0.3, lambda: os.write(2, b"late line from a trial\n"))
+    with RayLog(path) as redirected:
+        redirected.terminal.write("the sweep's own line\n")
+        redirected.terminal.flush()
+        os.write(1, b"early line from a trial\n")
+        late.start()
+    late.join()
+    out, err = capfd.readouterr()
+    log = path.read_text()
+    assert "early line from a trial" in log and "late line from a trial" in log
+    assert "late line" not in err and "early line" not in out
+    assert "the sweep's own line" in out
