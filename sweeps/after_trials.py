@@ -98,9 +98,10 @@ def reference_step(tracking_uri: str, experiment_id: str, parent_run_id: str, sw
 
     from regcore.reference import reference_table
 
+    threads = max(1, int(threads))
     started = time.perf_counter()
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
+    torch.set_num_threads(threads)
     try:
         table = reference_table(config.with_overrides({"loss.regularize": False}))
     finally:
@@ -118,13 +119,13 @@ def reference_step(tracking_uri: str, experiment_id: str, parent_run_id: str, sw
     means = table.groupby("method")[["dice_mean", "true_error_mm", "method_s"]].mean()
     tracking.log_metrics(client, run_id, {
         **{f"reference.{m}.{c}": float(v) for m, row in means.iterrows() for c, v in row.items()},
-        "reference.threads": float(max(1, int(threads)))}, step=0)
+        "reference.threads": float(threads)}, step=0)
     with tracking.guard(client, "closing the reference run"):
         client.set_terminated(run_id, "FINISHED")
     log("reference rows (mean over the test pairs): " + "; ".join(
         f"{m} Dice {row['dice_mean']:.3f}, true error {row['true_error_mm']:.2f} mm, "
         f"{row['method_s']:.2f} s/pair" for m, row in means.iterrows())
-        + f" ({time.perf_counter() - started:.1f} s on {max(1, int(threads))} threads)")
+        + f" ({time.perf_counter() - started:.1f} s on {threads} threads)")
     return len(table)
 
 

@@ -87,7 +87,7 @@ PRESETS: dict[str, Preset] = {
             name="quick",
             description="the embedded cohort at 32^3 (intensities, local NCC), the VoxelMorph "
                         "U-Net, 4 variants x 3 seeds (--search-trials N adds a weight search); "
-                        "about 15 minutes on 2 CPU cores",
+                        "about 12 to 14 minutes on 2 CPU cores",
             # Why intensities and not the study's one-hot labels: the recipe below registers
             # one-hot maps with Dice + CE too (baseline, 32^3, 360 steps at 1e-3: Dice 0.486 ->
             # 0.703), but a step costs about 1.7 x (5 channels, each with its Demons force) and
@@ -109,7 +109,7 @@ PRESETS: dict[str, Preset] = {
                 # pair as registered so far), with half the VoxelMorph widths, warm-up + cosine
                 # decay and the learning rate x LR_SCALE; the affine stage is a least-squares
                 # fit of per-voxel targets (model.affine_head=fit).
-                # baseline: Dice 0.499 / 9.8 mm (the old recipe) -> 0.72 / 3.7 mm.
+                # baseline: Dice 0.499 / 9.8 mm (the old recipe) -> 0.733 / 3.4 mm (3 seeds).
                 # The loss also compares each earlier pass's image (deep supervision) and the
                 # images at half resolution: without them the baseline's Dice over seeds 0-2
                 # ranged 0.63 to 0.74 (some seeds settle in a poor optimum), with them 0.73.
